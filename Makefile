@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (test suite).
+# Both build .venv from requirements-lock.txt (exact, tested versions) on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Multi-process tests need one thread per rank; numba's workqueue layer keeps forked workers alive.
+TEST_ENV := OMP_NUM_THREADS=1 NUMBA_THREADING_LAYER=workqueue TRITON_INTERPRET=1 MPLBACKEND=Agg
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-lock.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements-lock.txt
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	MPLBACKEND=Agg NUMBA_THREADING_LAYER=workqueue $(BIN)/medpose demo
+
+test: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -q benchmarks --benchmark-only --benchmark-columns=mean,stddev,ops
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

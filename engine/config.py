@@ -1,0 +1,354 @@
+"""The run configuration: nested dataclasses are the schema.
+
+A run file (YAML under launch/configs/) holds only what differs from these defaults; the command line overrides
+with dotted keys (`optim.lr=3e-4`). Unknown keys and wrong types are errors that name the key and the file.
+The resolved config is written to the run directory and stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key and where it came from."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synth_hip"
+    """Dataset folder: labelme JSON files (+ images beside them) and optionally dataset.json."""
+    synthetic: bool = True
+    """Generate the synthetic hip phantom into `root` when the folder holds no JSON yet."""
+    synth_n: int = 240
+    """Number of phantom images to generate."""
+    synth_seed: int = 0
+    """Seed of the phantom generator (the dataset is a pure function of it)."""
+    synth_type2_ratio: float = 0.35
+    """Fraction of Graf type II hips in the phantom."""
+    synth_image_hw: tuple[int, int] = (240, 320)
+    """Phantom image size (H, W) in pixels."""
+    input_hw: tuple[int, int] = (128, 160)
+    """Network input (H, W); images are letterboxed into it. Both divisible by 32."""
+    sigma_px: float = 2.0
+    """Gaussian heatmap sigma in input pixels (published: 7 px at 384x512)."""
+    heatmap_peak: float = 255.0
+    """Heatmap peak value (published: 255)."""
+    spacing_mm: tuple[float, float] | None = None
+    """mm per original pixel (x, y); None reads dataset.json beside the files."""
+    test_frac: float = 0.2
+    """Fraction of each class held out as the fixed test set."""
+    num_folds: int = 5
+    """Stratified, patient-grouped folds over the remaining data."""
+    fold: int = 0
+    """Which fold is validation."""
+    oversample_type2: int = 2
+    """Type II hips are repeated this many times in the training set (published: 2)."""
+    augment: bool = True
+    """Keypoint-consistent geometric + intensity augmentation on the training set."""
+    rotation_deg: float = 10.0
+    """Max rotation of the random affine."""
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    """Random scale range."""
+    translate_frac: float = 0.05
+    """Max translation as a fraction of the input size."""
+    flip_p: float = 0.0
+    """Horizontal flip probability (landmarks swapped by the task's flip table)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the main process)."""
+    cache_decoded: bool = True
+    """Keep decoded originals in memory (small datasets)."""
+    skip_bad: bool = False
+    """Skip unreadable / malformed samples (counted and logged) instead of stopping with an error."""
+    loader: Literal["torch"] = "torch"
+    """Data loader implementation."""
+
+    def __post_init__(self):
+        for n in self.input_hw:
+            if n % 32:
+                raise ConfigError(f"data.input_hw: {tuple(self.input_hw)} must be divisible by 32")
+        if not 0 <= self.fold < self.num_folds:
+            raise ConfigError(f"data.fold: {self.fold} must lie in [0, data.num_folds={self.num_folds})")
+        if not 0.0 < self.test_frac < 1.0:
+            raise ConfigError(f"data.test_frac: {self.test_frac} must lie in (0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "multihipposenet"
+    """Key of models.MODELS."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model builder (checked against its signature)."""
+    criterion_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the loss builder."""
+    decode: Literal["dark", "softargmax", "argmax"] = "dark"
+    """Heatmap decoding for landmarks."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    scheduler: Literal["cosine", "constant", "step"] = "cosine"
+    """LR schedule over train.max_steps (after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.02
+    """Cosine floor as a fraction of lr."""
+    step_milestones: tuple[int, ...] = ()
+    """Steps where the `step` schedule multiplies the LR by step_gamma."""
+    step_gamma: float = 0.1
+    """Multiplier of the `step` schedule."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0 = no clipping; the norm is still logged)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Micro-batch size per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size * grad_accum * world_size)."""
+    eval_every: int = 200
+    """Evaluate on the validation split every N steps (0 = only at the end)."""
+    log_every: int = 10
+    """Write training metrics every N steps."""
+    ckpt_every: int = 200
+    """Save a checkpoint every N steps (and always at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides best.pt (the previous stays until the new one is complete)."""
+    seed: int = 967
+    """Base seed; each rank uses seed + rank."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """Non-finite loss or gradient norm: stop with a message, or skip the step."""
+    max_skipped_steps: int = 20
+    """With nan_policy=skip, stop after this many consecutive skipped steps."""
+    best_metric: str = "alpha_mae_deg"
+    """Validation figure that picks best.pt."""
+    best_mode: Literal["min", "max"] = "min"
+    """Whether smaller or larger best_metric is better."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms (slower on GPU)."""
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["auto", "single", "ddp"] = "auto"
+    """auto: ddp when launched with more than one process, else single."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    timeout_s: int = 600
+    """Collective timeout."""
+    find_unused_parameters: bool = False
+    """DDP find_unused_parameters."""
+
+
+@dataclass
+class LogConfig:
+    runs_root: str = "runs"
+    """Where run directories are created."""
+    name: str = "run"
+    """Run name (directory runs_root/name, suffixed when it exists and not resuming)."""
+    run_dir: str | None = None
+    """Explicit run directory (overrides runs_root/name)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+    overlays: int = 8
+    """Held-out overlay figures written by evaluation."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------ type checking and coercion
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming key and source."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    fail = ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError:
+                continue
+        raise fail
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: key '{key}': must be one of {list(args)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise fail
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: key '{key}': expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, key, source) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail from None
+        raise fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    raise ConfigError(f"{source}: key '{key}': unsupported schema type {tp}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls, values: dict[str, Any], prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: key '{prefix.rstrip('.')}': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys under "
+                          f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("args", "criterion_args"):
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` → (['optim', 'lr'], 3e-4). Values are parsed as YAML (lists as [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"command line: override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: override '{text}': value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Defaults ← `base` (e.g. a checkpoint's config) ← YAML file ← dotted overrides."""
+    raw: dict[str, Any] = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = _deep_merge(raw, loaded)
+    cfg = _build(Config, raw, "", source)
+    if overrides:
+        merged = cfg.to_dict()
+        for text in overrides:
+            parts, value = parse_override(text)
+            node = merged
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"command line: unknown key '{'.'.join(parts)}'")
+                node = node[p]
+            node[parts[-1]] = value
+        cfg = _build(Config, merged, "", "command line")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,108 @@
+"""Evaluation: predictions mapped back to the original image frame, metrics reduced from sums and counts.
+
+Segmentation is scored at the original resolution (SEEDS §1): the seg logits are resampled through the inverse of the
+sample's original→input matrix, then arg-maxed. Landmarks go through the same inverse; distances use the dataset's
+original pixel spacing.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipelines.batch import collate_samples
+from data_pipelines.sampler import ShardedSampler
+
+from .metrics import MetricAccumulator
+
+
+def to_original_points(kpts_px_K2: np.ndarray, to_input_3x3) -> np.ndarray:
+    """Input-frame points → original-frame points (inverse of the sample's matrix)."""
+    inv = np.linalg.inv(np.asarray(to_input_3x3, dtype=np.float64))
+    pts = np.asarray(kpts_px_K2, dtype=np.float64)
+    homo = np.concatenate([pts, np.ones((len(pts), 1))], axis=1)
+    return (homo @ inv.T)[:, :2].astype(np.float32)
+
+
+def to_original_logits(logits_CHW: torch.Tensor, to_input_3x3, orig_hw: tuple[int, int]) -> torch.Tensor:
+    """Resample input-frame maps onto the original pixel grid: original pixel (x, y) reads the input frame at
+    M·(x, y, 1) (bilinear; align_corners=True matches the pixel-centre convention of data_pipelines.batch)."""
+    h0, w0 = int(orig_hw[0]), int(orig_hw[1])
+    hi, wi = logits_CHW.shape[-2:]
+    m = torch.as_tensor(np.asarray(to_input_3x3, dtype=np.float64), dtype=torch.float32,
+                        device=logits_CHW.device)
+    ys, xs = torch.meshgrid(torch.arange(h0, dtype=torch.float32, device=m.device),
+                            torch.arange(w0, dtype=torch.float32, device=m.device), indexing="ij")
+    xi = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+    yi = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    grid = torch.stack([2 * xi / (wi - 1) - 1, 2 * yi / (hi - 1) - 1], dim=-1)[None]
+    return F.grid_sample(logits_CHW[None].float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=True)[0]
+
+
+def original_spacing(spacing_in_2, to_input_3x3) -> np.ndarray:
+    """mm per original pixel from mm per input pixel: the matrix's column norms are the per-axis scales."""
+    m = np.asarray(to_input_3x3, dtype=np.float64)
+    scale = np.linalg.norm(m[:2, :2], axis=0)
+    return np.asarray(spacing_in_2, dtype=np.float64) * scale
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callable, autocast) -> tuple[dict, dict]:
+    with autocast():
+        outputs = model(image_BCHW)
+    outputs = {k: v.float() for k, v in outputs.items()}
+    return outputs, decode_fn(outputs)
+
+
+@torch.no_grad()
+def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable,
+                     criterion: nn.Module | None = None, batch_size: int = 4, num_workers: int = 0,
+                     num_classes: int = 8, class_names=None, gather_records: bool = False
+                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked)."""
+    info = strategy.info
+    was_training = model.training
+    model.eval()
+    if criterion is not None:
+        criterion.eval()
+    sampler = ShardedSampler(len(dataset), info.rank, info.world_size, shuffle=False, drop_last=False,
+                             batch_size=batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_samples)
+    acc = MetricAccumulator(num_classes=num_classes, class_names=class_names)
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample loss, count)
+    for batch in loader:
+        batch = batch.to(info.device)
+        outputs, preds = predict_batch(model, batch.image_BCHW, decode_fn, strategy.autocast)
+        if criterion is not None:
+            loss = float(criterion(outputs, batch.targets())["loss"])
+            loss_sum += torch.tensor([loss * batch.size, batch.size], dtype=torch.float64)
+        kpts_in = preds["kpts_px_BK2"].cpu().numpy()
+        for i, meta in enumerate(batch.meta):
+            orig = dataset.original(meta["index"])
+            logits = to_original_logits(outputs["seg_logits_BCHW"][i], meta["to_input_3x3"], orig["mask_HW"].shape)
+            pred_mask = logits.argmax(0).cpu().numpy()
+            pred_kpts = to_original_points(kpts_in[i], meta["to_input_3x3"])
+            acc.update(pred_mask[None], np.asarray(orig["mask_HW"])[None], pred_kpts[None],
+                       np.asarray(orig["kpts_px_K2"])[None], np.asarray(orig["kpts_visible_K"])[None],
+                       np.asarray(orig["spacing_mm_2"], dtype=np.float64)[None], ids=[meta["id"]])
+    state = {k: strategy.all_reduce_sum(v) for k, v in acc.state().items()}
+    acc.load_state(state)
+    figures = acc.compute()
+    if criterion is not None:
+        total = strategy.all_reduce_sum(loss_sum)
+        figures["loss"] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    records: list[dict[str, Any]] = []
+    if gather_records:
+        for part in strategy.all_gather_object(acc.records):
+            records.extend(part)
+    if was_training:
+        model.train()
+        if criterion is not None:
+            criterion.train()
+    return figures, records

@@ -1,0 +1,92 @@
+"""Run logging on rank 0: metrics.jsonl (one JSON object per line), TensorBoard events, a progress bar."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger("medpose")
+
+
+def setup_console_logging(rank: int, run_dir: Path | None = None) -> None:
+    """INFO on rank 0, WARNING elsewhere; a copy in run_dir/train.log on rank 0."""
+    root = logging.getLogger("medpose")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if run_dir is not None and rank == 0:
+        fh = logging.FileHandler(Path(run_dir) / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    if hasattr(v, "item"):
+        return _jsonable(v.item())
+    return v
+
+
+class RunLogger:
+    """Writes only on the main rank; other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, progress: bool = True,
+                 total_steps: int = 0, initial_step: int = 0):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: _jsonable(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def progress(self, n: int = 1, **postfix: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                      refresh=False)
+
+    def write(self, text: str) -> None:
+        """Print above the progress bar without breaking it."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

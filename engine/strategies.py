@@ -1,0 +1,218 @@
+"""Training strategies behind one small interface: single process and DDP (DeepSpeed fits the same methods).
+
+The trainer only ever calls: setup, accumulate, backward, step, all_reduce_sum/all_reduce_mean, all_gather_object,
+barrier, save, load, unwrap, close. Loss scaling for gradient accumulation lives in `backward` (so an engine that
+already divides by the accumulation count — DeepSpeed — does not divide twice).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from .checkpoint import atomic_torch_save
+from .dist import DistInfo
+
+
+class SingleStrategy:
+    """One process, one device."""
+
+    name = "single"
+
+    def __init__(self, info: DistInfo, grad_accum: int = 1, grad_clip: float = 0.0, precision: str = "fp32",
+                 **_: Any):
+        self.info = info
+        self.device = info.device
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        # A GradScaler is only needed for fp16 (bf16 has fp32's exponent range).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(precision == "fp16"))
+
+    # -- lifecycle
+    def setup(self, model: nn.Module, optimizer, scheduler=None):
+        self.model = model.to(self.device)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        return self.model, optimizer, scheduler
+
+    def unwrap(self, model: nn.Module | None = None) -> nn.Module:
+        model = model if model is not None else self.model
+        return model.module if hasattr(model, "module") else model
+
+    def close(self) -> None:
+        pass
+
+    # -- one optimizer step over grad_accum micro-batches
+    def autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def accumulate(self, is_boundary: bool):
+        """Context for one micro-batch's forward+backward; no gradient sync off the boundary."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.grad_accum).backward()
+
+    def step(self) -> float | None:
+        """Clip, step, zero. Returns the global grad norm (before clipping), or None when the step was skipped
+        because the norm is not finite (the caller decides whether that stops the run)."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm_value = float(norm)
+        if not math.isfinite(norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # lets fp16 back off its scale instead of stopping
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return norm_value
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- collectives (no-ops on one process)
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.unwrap().state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save(self, path: str | Path, client_state: dict[str, Any]) -> None:
+        """Collective: every rank calls it. Rank 0 writes model/optimizer/scheduler/scaler + client state
+        atomically; per-rank entries of client_state (e.g. RNG) must already be gathered by the caller."""
+        state = self.state_dict() if self.info.is_main else None
+        if self.info.is_main:
+            atomic_torch_save({**state, "client": client_state}, path)
+        self.barrier()
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Collective: every rank reads the file and restores; returns the client state."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.unwrap().load_state_dict(ckpt["model"])
+        if self.optimizer is not None and ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        return ckpt.get("client", {})
+
+
+class DDPStrategy(SingleStrategy):
+    """torch DistributedDataParallel; gloo on CPU, nccl on CUDA."""
+
+    name = "ddp"
+
+    def __init__(self, info: DistInfo, backend: str = "auto", timeout_s: int = 600,
+                 find_unused_parameters: bool = False, **kwargs: Any):
+        super().__init__(info, **kwargs)
+        self.find_unused_parameters = find_unused_parameters
+        if backend == "auto":
+            backend = "nccl" if info.device.type == "cuda" else "gloo"
+        self.backend = backend
+        self._owns_group = False
+        if not torch_dist.is_initialized():
+            if info.device.type == "cuda":
+                torch.cuda.set_device(info.device)
+            for key in ("MASTER_ADDR", "MASTER_PORT"):
+                if key not in os.environ:
+                    raise RuntimeError(f"DDP: environment variable {key} is not set; launch with torchrun "
+                                       f"(or set it in the SLURM script)")
+            torch_dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                          timeout=timedelta(seconds=timeout_s))
+            self._owns_group = True
+
+    def setup(self, model: nn.Module, optimizer, scheduler=None):
+        model = model.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=self.find_unused_parameters)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        return self.model, optimizer, scheduler
+
+    def accumulate(self, is_boundary: bool):
+        return contextlib.nullcontext() if is_boundary else self.model.no_sync()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, torch_dist.ReduceOp.SUM)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, torch_dist.ReduceOp.SUM) / self.info.world_size
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, torch_dist.ReduceOp.MAX)
+
+    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        # gloo reduces CPU tensors, nccl CUDA tensors: move, reduce, move back.
+        comm_device = self.device if self.backend == "nccl" else torch.device("cpu")
+        t = tensor.detach().to(comm_device).clone()
+        torch_dist.all_reduce(t, op=op)
+        return t.to(tensor.device)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.info.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.backend == "nccl":
+            torch_dist.barrier(device_ids=[self.device.index])
+        else:
+            torch_dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+STRATEGIES: dict[str, Callable[..., SingleStrategy]] = {
+    "single": SingleStrategy,
+    "ddp": DDPStrategy,
+}
+
+
+def build_strategy(name: str, info: DistInfo, **kwargs: Any) -> SingleStrategy:
+    if name == "auto":
+        name = "ddp" if info.world_size > 1 else "single"
+    if name not in STRATEGIES:
+        raise ValueError(f"dist.strategy: unknown strategy '{name}' (choose from {sorted(STRATEGIES)})")
+    if name == "single" and info.world_size > 1:
+        raise ValueError(f"dist.strategy=single but the launcher started {info.world_size} processes")
+    return STRATEGIES[name](info, **kwargs)

@@ -1,0 +1,270 @@
+"""The training loop: strategy-agnostic, model-agnostic (forward → dict of outputs, criterion → dict of losses).
+
+One optimizer step = `grad_accum` micro-batches. The data position (epoch, micro-batches consumed in it), every
+rank's RNG state, the optimizer/scheduler/scaler and the criterion's state go into each checkpoint, so a run of 2N
+steps equals a run of N steps + resume + N steps.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.sampler import ShardedSampler
+
+from .checkpoint import (capture_rng, checkpoint_path, find_latest, prune_checkpoints, restore_rng,
+                         update_latest, versions)
+from .config import Config
+from .logger import LOG, RunLogger
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss or the gradient norm is not finite and nan_policy says stop."""
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    consumed: int = 0  # micro-batches of this epoch already used
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentation randomness comes from per-sample generators seeded by (seed, epoch, index) in the dataset;
+    # this only keeps any library-level RNG in workers distinct and reproducible.
+    import random
+
+    import numpy as np
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, strategy, model: nn.Module, criterion: nn.Module, train_set: Dataset,
+                 evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None, run_dir: Path):
+        self.cfg = cfg
+        self.strategy = strategy
+        self.info = strategy.info
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.criterion = criterion.to(self.info.device)
+        self.train_set = train_set
+        self.evaluate_fn = evaluate_fn
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer)
+        self.model, self.optimizer, self.scheduler = strategy.setup(model, optimizer, scheduler)
+        self.step = 0
+        self.pos = DataPosition()
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self.sampler = ShardedSampler(len(train_set), self.info.rank, self.info.world_size, shuffle=True,
+                                      seed=cfg.train.seed, drop_last=True, batch_size=cfg.train.batch_size)
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self) -> Iterator[Batch]:
+        tc, dc = self.cfg.train, self.cfg.data
+        while True:
+            self.sampler.set_epoch(self.pos.epoch)
+            self.sampler.set_start(self.pos.consumed * tc.batch_size)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(self.pos.epoch)
+            loader = DataLoader(self.train_set, batch_size=tc.batch_size, sampler=self.sampler,
+                                num_workers=dc.num_workers, collate_fn=collate_samples, drop_last=True,
+                                pin_memory=self.info.device.type == "cuda", worker_init_fn=_seed_worker,
+                                persistent_workers=False)
+            for batch in loader:
+                self.pos.consumed += 1
+                yield batch
+            self.pos = DataPosition(self.pos.epoch + 1, 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def client_state(self) -> dict[str, Any]:
+        # Every rank's RNG goes into the file (rank 0 writes it), so each rank resumes its own stream.
+        rng_all = self.strategy.all_gather_object(capture_rng())
+        return {"step": self.step, "epoch": self.pos.epoch, "data_pos": vars(self.pos).copy(),
+                "rng_per_rank": rng_all, "world_size": self.info.world_size,
+                "criterion": self.criterion.state_dict(), "best_value": self.best_value,
+                "best_step": self.best_step, "config": self.cfg.to_dict(), "versions": versions()}
+
+    def save(self, path: Path | None = None, make_latest: bool = True) -> Path:
+        path = path or checkpoint_path(self.ckpt_dir, self.step)
+        self.strategy.save(path, self.client_state())
+        if self.info.is_main and make_latest:
+            update_latest(self.ckpt_dir, path)
+            prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+        self.strategy.barrier()
+        return path
+
+    def resume(self, path: Path) -> None:
+        client = self.strategy.load(path)
+        self.step = int(client["step"])
+        self.pos = DataPosition(**client["data_pos"])
+        self.criterion.load_state_dict(client["criterion"])
+        self.best_value, self.best_step = client.get("best_value"), client.get("best_step")
+        rngs = client.get("rng_per_rank") or []
+        if client.get("world_size") == self.info.world_size and self.info.rank < len(rngs):
+            restore_rng(rngs[self.info.rank])
+        else:
+            LOG.warning("%s: saved with world size %s, resuming with %s; RNG streams are re-seeded",
+                        path, client.get("world_size"), self.info.world_size)
+        LOG.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.pos.epoch,
+                 self.pos.consumed)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, batch: Batch, is_boundary: bool) -> dict[str, float] | None:
+        batch = batch.to(self.info.device, non_blocking=True)
+        with self.strategy.accumulate(is_boundary):
+            with self.strategy.autocast():
+                outputs = self.model(batch.image_BCHW)
+            outputs = {k: v.float() for k, v in outputs.items()}
+            losses = self.criterion(outputs, batch.targets())
+            loss = losses["loss"]
+            bad = torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0)
+            if self.strategy.all_reduce_max(bad).item() > 0:  # every rank must take the same branch
+                return None
+            self.strategy.backward(loss)
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def _handle_bad(self, what: str, detail: str) -> None:
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        msg = (f"step {self.step}: {what} is not finite ({detail}); last good checkpoint: "
+               f"{find_latest(self.ckpt_dir) or 'none yet'}")
+        if self.cfg.train.nan_policy == "stop":
+            raise TrainingDiverged(msg + ". Lower optim.lr, set optim.grad_clip, or set train.nan_policy=skip.")
+        if self.skipped_in_a_row > self.cfg.train.max_skipped_steps:
+            raise TrainingDiverged(msg + f"; {self.skipped_in_a_row} steps skipped in a row, giving up.")
+        LOG.warning(msg + "; step skipped (train.nan_policy=skip)")
+
+    def train_step(self, batches: Iterator[Batch]) -> dict[str, float] | None:
+        self.model.train()
+        self.criterion.train()
+        accum = self.cfg.train.grad_accum
+        parts: dict[str, float] = {}
+        for i in range(accum):
+            out = self._forward_backward(next(batches), is_boundary=(i == accum - 1))
+            if out is None:
+                # drain the remaining micro-batches so the data position stays aligned across ranks
+                for _ in range(accum - 1 - i):
+                    next(batches)
+                self.strategy.zero_grad()
+                self._handle_bad("loss", "NaN/Inf in the forward pass")
+                return None
+            for k, v in out.items():
+                parts[k] = parts.get(k, 0.0) + v / accum
+        grad_norm = self.strategy.step()
+        if grad_norm is None:
+            self._handle_bad("gradient norm", "NaN/Inf gradients")
+            return None
+        self.skipped_in_a_row = 0
+        parts["grad_norm"] = grad_norm
+        parts["lr"] = self.optimizer.param_groups[0]["lr"]
+        return parts
+
+    # ------------------------------------------------------------------ the loop
+    def _is_better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value < self.best_value if self.cfg.train.best_mode == "min" else value > self.best_value
+
+    def _evaluate(self, logger: RunLogger) -> dict[str, float]:
+        metrics = self.evaluate_fn(self.model, self.step)
+        logger.log(self.step, "val", metrics)
+        key = self.cfg.train.best_metric
+        if key not in metrics:
+            raise KeyError(f"train.best_metric: '{key}' is not among the validation figures "
+                           f"({', '.join(sorted(metrics))})")
+        if self._is_better(metrics[key]):
+            self.best_value, self.best_step = float(metrics[key]), self.step
+            self.save(self.ckpt_dir / "best.pt", make_latest=False)
+        logger.write(f"[val @ step {self.step}] " + ", ".join(
+            f"{k}={metrics[k]:.4g}" for k in ("loss", "seg_miou", "landmark_mre_px", "alpha_mae_deg", key)
+            if k in metrics) + f" (best {key}={self.best_value:.4g} @ {self.best_step})")
+        return metrics
+
+    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
+        tc = self.cfg.train
+        if resume_from is not None:
+            self.resume(resume_from)
+        logger = RunLogger(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
+                           total_steps=tc.max_steps, initial_step=self.step)
+        batches = self._micro_batches()
+        window: dict[str, float] = {}
+        n_window, t0, last_val = 0, time.perf_counter(), {}
+        samples_per_step = tc.batch_size * tc.grad_accum * self.info.world_size
+        try:
+            while self.step < tc.max_steps:
+                parts = self.train_step(batches)
+                self.step += 1
+                if parts is not None:
+                    for k, v in parts.items():
+                        window[k] = window.get(k, 0.0) + v
+                    n_window += 1
+                    logger.progress(1, loss=parts["loss"], lr=parts["lr"])
+                else:
+                    logger.progress(1, skipped=self.skipped_total)
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    n = torch.tensor(float(n_window))
+                    sums = {k: self.strategy.all_reduce_sum(torch.tensor(v, dtype=torch.float64))
+                            for k, v in sorted(window.items())}
+                    n_all = float(self.strategy.all_reduce_sum(n))
+                    if n_all > 0:
+                        dt = time.perf_counter() - t0
+                        record = {k: float(v) / n_all for k, v in sums.items()}
+                        record["samples_per_s"] = samples_per_step * (n_all / self.info.world_size) / max(dt, 1e-9)
+                        record["epoch"] = self.pos.epoch
+                        record["skipped_steps"] = self.skipped_total
+                        logger.log(self.step, "train", record)
+                    window, n_window, t0 = {}, 0, time.perf_counter()
+                if self.evaluate_fn is not None and tc.eval_every and self.step % tc.eval_every == 0:
+                    last_val = self._evaluate(logger)
+                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                    self.save()
+            if self.evaluate_fn is not None and (not tc.eval_every or self.step % tc.eval_every != 0):
+                last_val = self._evaluate(logger)
+            if not (tc.ckpt_every and self.step % tc.ckpt_every == 0):
+                self.save()
+        finally:
+            logger.close()
+        return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,
+                "last_val": last_val, "skipped_steps": self.skipped_total}
+
+
+# ---------------------------------------------------------------------- optimizer and schedule
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    oc = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if oc.name == "adam":
+        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    if oc.name == "adamw":
+        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """LR multiplier after `step` optimizer steps: linear warmup, then cosine / constant / step decay."""
+    oc, total = cfg.optim, cfg.train.max_steps
+    if oc.warmup_steps and step < oc.warmup_steps:
+        return (step + 1) / oc.warmup_steps
+    if oc.scheduler == "constant":
+        return 1.0
+    if oc.scheduler == "step":
+        return oc.step_gamma ** sum(step >= m for m in oc.step_milestones)
+    t = (step - oc.warmup_steps) / max(total - oc.warmup_steps, 1)
+    return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
