@@ -1,0 +1,32 @@
+"""Data pipelines: the Batch contract, readers, transforms, targets, synthetic data and splits."""
+from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.errors import DataError
+from data_pipelines.heatmaps import render_heatmaps, render_heatmaps_numba, render_heatmaps_numpy
+from data_pipelines.hip_data import build_hip_data
+from data_pipelines.hip_dataset import HipDataset, find_labelme_files
+from data_pipelines.labelme import (HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, LabelmeInfo, LabelmeRecord,
+                                    polygon_mask, rasterize_polygons, read_labelme, validate_labelme)
+from data_pipelines.splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
+from data_pipelines.synth_hip import (PhantomSample, acute_angle_deg, generate_hip_dataset, graf_angles_deg,
+                                      render_phantom)
+from data_pipelines.transforms import (AugmentParams, add_speckle_noise, adjust_brightness_contrast, adjust_gamma,
+                                       apply_flip_pairs, augment_intensity, gaussian_blur, letterbox_matrix,
+                                       points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
+                                       warp_points)
+
+# data.loader -> builder(data_cfg, run_dir, strategy, seed) -> {"train", "val", "test", ...} (engine/run.py)
+LOADERS = {"torch": build_hip_data}
+
+__all__ = [
+    "LOADERS", "build_hip_data",
+    "Batch", "collate_samples", "DataError",
+    "render_heatmaps", "render_heatmaps_numba", "render_heatmaps_numpy",
+    "HipDataset", "find_labelme_files",
+    "HIP_CLASS_NAMES", "HIP_KPT_NAMES", "HIP_LABELS", "LabelmeInfo", "LabelmeRecord", "polygon_mask",
+    "rasterize_polygons", "read_labelme", "validate_labelme",
+    "holdout_split", "oversample", "read_splits", "stratified_group_kfold", "write_splits",
+    "PhantomSample", "acute_angle_deg", "generate_hip_dataset", "graf_angles_deg", "render_phantom",
+    "AugmentParams", "add_speckle_noise", "adjust_brightness_contrast", "adjust_gamma", "apply_flip_pairs",
+    "augment_intensity", "gaussian_blur", "letterbox_matrix", "points_in_frame", "random_affine_matrix",
+    "sampling_grid", "warp_image", "warp_mask", "warp_points",
+]

@@ -1,0 +1,263 @@
+"""The torch Dataset of the hip-ultrasound task: labelme files -> the per-sample dicts collate_samples stacks.
+
+Per sample: decode (or take from the in-memory cache), build one matrix M = augment o letterbox (original pixels ->
+input pixels, data_pipelines/batch.py convention), warp image (bilinear, pad 128/255), mask (nearest) and landmarks
+with it, and render Gaussian heatmaps at the warped landmarks. Intensity augmentation is applied to the original
+image before the warp, so the letterbox padding stays exactly 128/255 (the published input convention).
+
+Reproducibility: the augmentation of sample `index` in epoch `epoch` comes from numpy's Generator seeded with
+(seed, epoch, index) - the same whichever worker loads it and however many workers there are. Call `set_epoch` before
+each epoch (DataLoader workers copy the dataset when an epoch's iterator starts; with persistent_workers=True, index
+the dataset with (index, epoch) pairs instead).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data_pipelines.errors import DataError
+from data_pipelines.heatmaps import render_heatmaps
+from data_pipelines.labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
+from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
+                                       points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
+                                       warp_points)
+
+log = logging.getLogger(__name__)
+
+PAD_VALUE = 128.0 / 255.0
+DEFAULT_SPACING_MM = (0.2, 0.2)
+_PATIENT_VIEW = re.compile(r"^(?P<patient>.+)_(?P<view>\d+)$")
+_LEADING_INT = re.compile(r"^(\d+)")
+
+
+@dataclass
+class _Decoded:
+    image_CHW: np.ndarray      # uint8; 1 channel when the file is grey (warping one channel, not three)
+    mask_HW: np.ndarray        # uint8
+    kpts_px_K2: np.ndarray     # float32
+    kpts_visible_K: np.ndarray  # bool
+
+
+def _dataset_json(folder: Path, cache: dict[Path, dict]) -> dict:
+    """dataset.json of a folder (written by synth_hip or by hand), {} when absent; its samples indexed by "json"."""
+    if folder not in cache:
+        path = folder / "dataset.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(path, f"unreadable dataset.json ({exc})")
+        if not isinstance(meta, dict) or not isinstance(meta.get("samples", []), list):
+            raise DataError(path, "dataset.json must be an object with a list 'samples'")
+        meta["by_json"] = {row.get("json"): row for row in meta.get("samples", ())}
+        cache[folder] = meta
+    return cache[folder]
+
+
+def _problem(exc: DataError, json_path: Path) -> str:
+    """The problem as seen from the JSON file: the bare problem, or "<image>: <problem>" when the image is bad."""
+    return exc.problem if exc.path == str(json_path) else str(exc)
+
+
+def find_labelme_files(root: str | Path) -> list[Path]:
+    """The labelme JSON files of a folder (recursively, sorted), leaving out dataset.json and split files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found")
+    return sorted(p for p in root.rglob("*.json") if p.name != "dataset.json" and not p.name.startswith("splits"))
+
+
+def _hip_type_from_id(stem: str) -> str:
+    """Published convention: image ids > 1000 are Graf type II."""
+    found = _LEADING_INT.match(stem)
+    if found is None:
+        return "unknown"
+    return "II" if int(found.group(1)) > 1000 else "I"
+
+
+class HipDataset(Dataset):
+    """labelme hip-ultrasound files -> sample dicts (see collate_samples in data_pipelines/batch.py).
+
+    spacing_mm: mm per original pixel (x, y) for every file; None reads `spacing_mm` from dataset.json beside each
+    file (falling back to 0.2 mm with a warning). Files are validated up front: with skip_bad=False the first bad file
+    raises its DataError, with skip_bad=True bad files are dropped and listed in `.skipped` [(path, problem)].
+    cache_decoded=True decodes every file once at construction (forked DataLoader workers share the memory).
+    """
+
+    class_names = HIP_CLASS_NAMES
+    kpt_names = HIP_KPT_NAMES
+
+    def __init__(self, json_paths: Sequence[str | Path], input_hw: tuple[int, int] = (128, 160),
+                 augment: AugmentParams | None = None, sigma_px: float = 2.0, heatmap_peak: float = 255.0,
+                 spacing_mm: tuple[float, float] | None = None, label_map: dict[str, Any] = HIP_LABELS,
+                 skip_bad: bool = False, seed: int = 0, heatmap_impl: str = "numba", cache_decoded: bool = False,
+                 require_all: bool = True, strict_labels: bool = True):
+        if len(input_hw) != 2 or min(input_hw) < 2:
+            raise ValueError(f"HipDataset: input_hw must be (H, W) with both >= 2, got {input_hw}")
+        if sigma_px <= 0:
+            raise ValueError(f"HipDataset: sigma_px must be > 0, got {sigma_px}")
+        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.sigma_px, self.heatmap_peak, self.heatmap_impl = float(sigma_px), float(heatmap_peak), heatmap_impl
+        self.label_map, self.require_all, self.strict_labels = label_map, require_all, strict_labels
+        self.seed, self.epoch = int(seed), 0
+        self.skipped: list[tuple[str, str]] = []
+        self.json_paths: list[Path] = []
+        self._image_paths: dict[Path, str] = {}
+        bad: set[Path] = set()
+        for path in map(Path, json_paths):
+            if path in bad:
+                continue
+            try:
+                if path not in self._image_paths:
+                    checked = validate_labelme(path, label_map, require_all=require_all, strict_labels=strict_labels)
+                    self._image_paths[path] = checked.image_path
+                self.json_paths.append(path)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                bad.add(path)
+                self.skipped.append((str(path), _problem(exc, path)))
+        self._cache: list[_Decoded] | None = self._decode_all(skip_bad) if cache_decoded else None
+        if self.skipped:
+            log.warning("HipDataset: skipped %d bad file(s):\n%s", len(self.skipped),
+                        "\n".join(f"  {p}: {problem}" for p, problem in self.skipped))
+        if not self.json_paths:
+            raise DataError(Path(json_paths[0]).parent if len(json_paths) else ".",
+                            f"no usable labelme files ({len(self.skipped)} skipped)")
+        self._info = self._file_info(spacing_mm)
+        render_heatmaps(np.zeros((1, 2)), np.ones(1, bool), (3, 3), 1.0, impl=heatmap_impl)  # compile before fork
+
+    # -------------------------------------------------------------------------------------------------------------
+    def _decode(self, path: Path) -> _Decoded:
+        rec = read_labelme(path, self.label_map, require_all=self.require_all, strict_labels=self.strict_labels)
+        img = rec.image_HW3
+        grey = bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]))
+        chw = img[None, :, :, 0] if grey else img.transpose(2, 0, 1)
+        return _Decoded(np.ascontiguousarray(chw), rec.mask_HW, rec.kpts_px_K2, rec.kpts_visible_K)
+
+    def _decode_all(self, skip_bad: bool) -> list[_Decoded]:
+        """Decode each distinct file once (an oversampled list repeats paths; repeats share one decoded copy)."""
+        decoded: dict[Path, _Decoded] = {}
+        kept = []
+        for path in self.json_paths:
+            if path not in decoded:
+                try:
+                    decoded[path] = self._decode(path)
+                except DataError as exc:      # passes verify() but fails to decode fully (e.g. bad deflate data)
+                    if not skip_bad:
+                        raise
+                    self.skipped.append((str(path), _problem(exc, path)))
+                    continue
+            kept.append(path)
+        self.json_paths = kept
+        return [decoded[p] for p in kept]
+
+    def _file_info(self, spacing_mm) -> list[dict[str, Any]]:
+        folders: dict[Path, dict] = {}
+        info, warned = [], False
+        for path in self.json_paths:
+            meta = _dataset_json(path.parent, folders)
+            row = meta["by_json"].get(path.name, {})
+            spacing = spacing_mm if spacing_mm is not None else meta.get("spacing_mm")
+            if spacing is None:
+                spacing, warned = DEFAULT_SPACING_MM, True
+            found = _PATIENT_VIEW.match(path.stem)
+            info.append({
+                "id": row.get("id", path.stem),
+                "patient_id": str(row.get("patient_id", found["patient"] if found else path.stem)),
+                "hip_type": row.get("hip_type", _hip_type_from_id(path.stem)),
+                "spacing_mm": np.asarray(spacing, dtype=np.float64).reshape(2),
+            })
+        if warned:
+            log.warning("HipDataset: no spacing_mm given and no dataset.json beside some files; using %s mm/px",
+                        DEFAULT_SPACING_MM)
+        return info
+
+    # -------------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.json_paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def hip_type(self, i: int) -> str:
+        return self._info[i]["hip_type"]
+
+    def patient_id(self, i: int) -> str:
+        return self._info[i]["patient_id"]
+
+    def sample_id(self, i: int) -> str:
+        return self._info[i]["id"]
+
+    def original(self, i: int) -> dict[str, Any]:
+        """Sample i in its original frame, for evaluation at original resolution: image_HW3 (uint8), mask_HW,
+        kpts_px_K2, kpts_visible_K, spacing_mm_2 (mm per original pixel), id, json."""
+        path = self.json_paths[i]
+        try:
+            dec = self._cache[i] if self._cache is not None else self._decode(path)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+        image = dec.image_CHW.transpose(1, 2, 0)
+        return {"image_HW3": np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image, "mask_HW": dec.mask_HW,
+                "kpts_px_K2": dec.kpts_px_K2, "kpts_visible_K": dec.kpts_visible_K,
+                "spacing_mm_2": self._info[i]["spacing_mm"].copy(), "id": self._info[i]["id"], "json": str(path)}
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
+        path = self.json_paths[i]
+        try:
+            return self._load(i, epoch)
+        except DataError:
+            raise
+        except Exception as exc:      # name the file whatever went wrong, also inside a DataLoader worker
+            raise DataError(path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+
+    def _load(self, i: int, epoch: int) -> dict[str, Any]:
+        dec = self._cache[i] if self._cache is not None else self._decode(self.json_paths[i])
+        orig_hw = dec.mask_HW.shape
+        m = letterbox_matrix(orig_hw, self.input_hw)
+        scale = m[0, 0]
+        image = dec.image_CHW.astype(np.float32) * np.float32(1.0 / 255.0)
+        flipped = False
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, epoch, i])
+            a = self.augment
+            m_aug, flipped = random_affine_matrix(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac,
+                                                  a.shear_deg, a.flip_p)
+            m = m_aug @ m
+            scale *= float(np.sqrt(abs(np.linalg.det(m_aug[:2, :2]))))
+            image = augment_intensity(image, rng, a)
+        grid = sampling_grid(m, orig_hw, self.input_hw)
+        image_CHW = warp_image(image, m, self.input_hw, pad_value=PAD_VALUE, grid=grid)
+        if image_CHW.shape[0] == 1:
+            image_CHW = image_CHW.expand(3, -1, -1).contiguous()     # grey replicated to RGB (SEEDS.md §1 input)
+        kpts = warp_points(dec.kpts_px_K2, m)
+        visible = dec.kpts_visible_K & points_in_frame(kpts, self.input_hw)
+        if flipped and self.augment.flip_pairs:
+            kpts, visible = apply_flip_pairs(kpts, visible, self.augment.flip_pairs)
+        kpts = kpts.astype(np.float32)      # out-of-frame points keep their coordinates; visible says False
+        heatmap = render_heatmaps(kpts, visible, self.input_hw, self.sigma_px, self.heatmap_peak,
+                                  impl=self.heatmap_impl)
+        info = self._info[i]
+        return {
+            "image_CHW": image_CHW,
+            "mask_HW": warp_mask(dec.mask_HW, m, self.input_hw, grid=grid),
+            "kpts_px_K2": torch.from_numpy(kpts),
+            "kpts_visible_K": torch.from_numpy(visible),
+            "heatmap_KHW": torch.from_numpy(heatmap),
+            # mm per input pixel: exact for the letterbox and for a similarity augmentation of isotropic spacing
+            "spacing_mm_2": torch.from_numpy((info["spacing_mm"] / scale).astype(np.float32)),
+            "meta": {"index": i, "id": info["id"], "json": str(self.json_paths[i]),
+                     "image": self._image_paths[self.json_paths[i]], "patient_id": info["patient_id"], "hip_type": info["hip_type"], "orig_hw": tuple(orig_hw),
+                     "to_input_3x3": m.tolist(), "flipped": flipped},
+        }
