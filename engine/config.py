@@ -121,6 +121,8 @@ class TrainConfig:
     """Optimizer steps."""
     batch_size: int = 4
     """Micro-batch size per rank."""
+    stop_at_step: int = 0
+    """Stop early at this step (0 = run to max_steps) keeping max_steps' LR schedule: time-boxed jobs, preemption."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (global batch = batch_size * grad_accum * world_size)."""
     eval_every: int = 200

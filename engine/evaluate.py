@@ -10,45 +10,26 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipelines.batch import collate_samples
 from data_pipelines.sampler import ShardedSampler
+from data_pipelines.transforms import warp_image, warp_points
 
 from .metrics import MetricAccumulator
 
 
 def to_original_points(kpts_px_K2: np.ndarray, to_input_3x3) -> np.ndarray:
-    """Input-frame points → original-frame points (inverse of the sample's matrix)."""
-    inv = np.linalg.inv(np.asarray(to_input_3x3, dtype=np.float64))
-    pts = np.asarray(kpts_px_K2, dtype=np.float64)
-    homo = np.concatenate([pts, np.ones((len(pts), 1))], axis=1)
-    return (homo @ inv.T)[:, :2].astype(np.float32)
+    """Input-frame points → original-frame points (inverse of the sample's original→input matrix)."""
+    return warp_points(kpts_px_K2, np.linalg.inv(np.asarray(to_input_3x3, dtype=np.float64))).astype(np.float32)
 
 
 def to_original_logits(logits_CHW: torch.Tensor, to_input_3x3, orig_hw: tuple[int, int]) -> torch.Tensor:
-    """Resample input-frame maps onto the original pixel grid: original pixel (x, y) reads the input frame at
-    M·(x, y, 1) (bilinear; align_corners=True matches the pixel-centre convention of data_pipelines.batch)."""
-    h0, w0 = int(orig_hw[0]), int(orig_hw[1])
-    hi, wi = logits_CHW.shape[-2:]
-    m = torch.as_tensor(np.asarray(to_input_3x3, dtype=np.float64), dtype=torch.float32,
-                        device=logits_CHW.device)
-    ys, xs = torch.meshgrid(torch.arange(h0, dtype=torch.float32, device=m.device),
-                            torch.arange(w0, dtype=torch.float32, device=m.device), indexing="ij")
-    xi = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
-    yi = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
-    grid = torch.stack([2 * xi / (wi - 1) - 1, 2 * yi / (hi - 1) - 1], dim=-1)[None]
-    return F.grid_sample(logits_CHW[None].float(), grid, mode="bilinear", padding_mode="border",
-                         align_corners=True)[0]
-
-
-def original_spacing(spacing_in_2, to_input_3x3) -> np.ndarray:
-    """mm per original pixel from mm per input pixel: the matrix's column norms are the per-axis scales."""
-    m = np.asarray(to_input_3x3, dtype=np.float64)
-    scale = np.linalg.norm(m[:2, :2], axis=0)
-    return np.asarray(spacing_in_2, dtype=np.float64) * scale
+    """Resample input-frame maps (e.g. seg logits) onto the original pixel grid with the inverse matrix (bilinear;
+    outside the input frame the logits are 0, which arg-maxes to background)."""
+    inv = np.linalg.inv(np.asarray(to_input_3x3, dtype=np.float64))
+    return warp_image(logits_CHW.detach().float().cpu(), inv, tuple(int(n) for n in orig_hw), pad_value=0.0)
 
 
 @torch.no_grad()

@@ -119,6 +119,10 @@ class Trainer:
         LOG.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.pos.epoch,
                  self.pos.consumed)
 
+    def resume_weights_only(self, path: Path) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.strategy.unwrap(self.model).load_state_dict(ckpt["model"])
+
     # ------------------------------------------------------------------ one step
     def _forward_backward(self, batch: Batch, is_boundary: bool) -> dict[str, float] | None:
         batch = batch.to(self.info.device, non_blocking=True)
@@ -203,8 +207,9 @@ class Trainer:
         window: dict[str, float] = {}
         n_window, t0, last_val = 0, time.perf_counter(), {}
         samples_per_step = tc.batch_size * tc.grad_accum * self.info.world_size
+        end = min(tc.max_steps, tc.stop_at_step) if tc.stop_at_step > 0 else tc.max_steps
         try:
-            while self.step < tc.max_steps:
+            while self.step < end:
                 parts = self.train_step(batches)
                 self.step += 1
                 if parts is not None:
@@ -214,7 +219,7 @@ class Trainer:
                     logger.progress(1, loss=parts["loss"], lr=parts["lr"])
                 else:
                     logger.progress(1, skipped=self.skipped_total)
-                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                if self.step % tc.log_every == 0 or self.step == end:
                     n = torch.tensor(float(n_window))
                     sums = {k: self.strategy.all_reduce_sum(torch.tensor(v, dtype=torch.float64))
                             for k, v in sorted(window.items())}

@@ -1,0 +1,1 @@
+"""The `medpose` command line and the bundled run configs (launch/configs/*.yaml)."""
