@@ -36,6 +36,13 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run re-logs the steps after its checkpoint: drop rows a crashed run wrote past that point, so
+    metrics.jsonl holds each step once."""
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 class RunLogger:
     """Writes only on the main rank; other ranks get a logger whose methods do nothing."""
 
@@ -48,7 +55,10 @@ class RunLogger:
         self._bar = None
         if not enabled:
             return
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            _drop_rows_after(path, initial_step)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))

@@ -81,10 +81,7 @@ def write_report(out_dir: Path, cfg, figures: dict[str, float], records: list[di
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    metrics_file = out_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        written += [str(p) for p in plots.plot_training_curves(metrics_file, fig_dir)]
+    written: list[str] = [str(p) for p in sorted(fig_dir.glob("curve_*.png"))]
     names = getattr(dataset, "class_names", None)
     written += [str(p) for p in write_overlays(model, dataset, decode, fig_dir / "overlays", cfg.log.overlays,
                                                names)]

@@ -17,6 +17,7 @@ from .config import Config, ConfigError, save_config
 from .dist import DistInfo, read_dist_info
 from .evaluate import evaluate_dataset
 from .logger import LOG, setup_console_logging
+from .plots import plot_training_curves
 from .report import write_report
 from .strategies import build_strategy
 from .trainer import Trainer
@@ -98,6 +99,9 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
         resume_path = resolve_resume(resume, run_dir) if resume else None
         result = trainer.fit(resume_path)
         result["run_dir"] = str(run_dir)
+        if info.is_main:
+            curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "figures")
+            LOG.info("training curves: %s", ", ".join(p.name for p in curves))
         if final_test:
             best = run_dir / "checkpoints" / "best.pt"
             if best.is_file():

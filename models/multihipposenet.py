@@ -16,15 +16,30 @@ from .mt_galm import GALM_MODES, MTGALM
 from .resnet_gn import ResNetGN, group_norm
 
 FUSION_MODES = ("per_task", "shared")
+DECODER_NORMS = ("none", "gn")
+
+
+def conv_relu_pair(c_in: int, c_out: int, norm: str, gn_groups: int) -> nn.Sequential:
+    """Two Conv3x3 (no bias) + ReLU; with norm="gn" a GroupNorm before each ReLU.
+
+    The published decoder has no normalisation. Measured on the phantom at CPU widths (decoder width 16): whole
+    regions of the landmark decoder's features die (ReLU at 0, e.g. 13 of 16 channels around P3) and that landmark's
+    heatmap never leaves the predict-zero plateau; GroupNorm keeps every region's features alive."""
+    layers: list[nn.Module] = []
+    for a, b in ((c_in, c_out), (c_out, c_out)):
+        layers.append(nn.Conv2d(a, b, 3, padding=1, bias=False))
+        if norm == "gn":
+            layers.append(group_norm(b, gn_groups))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class UpBlock(nn.Module):
-    """Bilinear x2 (align_corners=True) -> concat skip -> two Conv3x3 (no bias) + ReLU, no normalisation."""
+    """Bilinear x2 (align_corners=True) -> concat skip -> two Conv3x3 (no bias) + ReLU (optionally GN)."""
 
-    def __init__(self, c_in: int, c_skip: int, c_out: int):
+    def __init__(self, c_in: int, c_skip: int, c_out: int, norm: str = "none", gn_groups: int = 32):
         super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(c_in + c_skip, c_out, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-                                   nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+        self.convs = conv_relu_pair(c_in + c_skip, c_out, norm, gn_groups)
 
     def forward(self, x_BCHW: torch.Tensor, skip_BCHW: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(x_BCHW, size=skip_BCHW.shape[-2:], mode="bilinear", align_corners=True)
@@ -34,18 +49,18 @@ class UpBlock(nn.Module):
 class TaskDecoder(nn.Module):
     """UNet decoder of one task: 4 up blocks (dec_width x 8/4/2/1), a final x2 block and a GN+ReLU+Conv3x3 head."""
 
-    def __init__(self, enc_channels: list[int], dec_width: int, out_channels: int, gn_groups: int):
+    def __init__(self, enc_channels: list[int], dec_width: int, out_channels: int, gn_groups: int,
+                 norm: str = "none"):
         super().__init__()
         widths = [dec_width * 8, dec_width * 4, dec_width * 2, dec_width]
         c_in = enc_channels[4]
         blocks = []
         for i, c_out in enumerate(widths):
-            blocks.append(UpBlock(c_in, enc_channels[3 - i], c_out))
+            blocks.append(UpBlock(c_in, enc_channels[3 - i], c_out, norm, gn_groups))
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.level_channels = widths
-        self.final = nn.Sequential(nn.Conv2d(dec_width, dec_width, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-                                   nn.Conv2d(dec_width, dec_width, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+        self.final = conv_relu_pair(dec_width, dec_width, norm, gn_groups)
         self.head = nn.Sequential(group_norm(dec_width, gn_groups), nn.ReLU(inplace=False),
                                   nn.Conv2d(dec_width, out_channels, 3, padding=1))
         # The decoder has ~10 conv+ReLU layers and no normalisation: He init (fan_in) keeps the activation scale
@@ -73,9 +88,12 @@ class MultiHipPoseNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 8, num_keypoints: int = 6, num_experts: int = 3,
                  expert_depth: int = 50, width: int = 64, decoder_width: int | None = None, fusion: str = "per_task",
-                 galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32, gct_eps: float = 1e-5):
+                 galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32, gct_eps: float = 1e-5,
+                 decoder_norm: str = "none"):
         super().__init__()
         _check_args(num_classes, num_keypoints, num_experts, fusion, galm)
+        if decoder_norm not in DECODER_NORMS:
+            raise ValueError(f"models/multihipposenet.py: decoder_norm='{decoder_norm}' is not one of {DECODER_NORMS}")
         dec_width = width if decoder_width is None else int(decoder_width)
         if dec_width < 1:
             raise ValueError(f"models/multihipposenet.py: decoder_width={decoder_width} must be >= 1")
@@ -83,8 +101,8 @@ class MultiHipPoseNet(nn.Module):
         enc_channels = self.experts[0].out_channels
         num_sets = 2 if fusion == "per_task" else 1
         self.fusions = nn.ModuleList(MEGCTSet(num_experts, enc_channels, gn_groups, gct_eps) for _ in range(num_sets))
-        self.decoders = nn.ModuleList([TaskDecoder(enc_channels, dec_width, num_classes, gn_groups),
-                                       TaskDecoder(enc_channels, dec_width, num_keypoints, gn_groups)])
+        self.decoders = nn.ModuleList([TaskDecoder(enc_channels, dec_width, num_classes, gn_groups, decoder_norm),
+                                       TaskDecoder(enc_channels, dec_width, num_keypoints, gn_groups, decoder_norm)])
         self.galm = (None if galm == "none" else
                      MTGALM(self.decoders[0].level_channels, num_tasks=2, mode=galm, embed_dim=galm_embed_dim))
         self.in_channels = in_channels
@@ -144,12 +162,12 @@ def _check_args(num_classes: int, num_keypoints: int, num_experts: int, fusion: 
 def build_multihipposenet(in_channels: int = 3, num_classes: int = 8, num_keypoints: int = 6, num_experts: int = 3,
                           expert_depth: int = 50, width: int = 64, decoder_width: int | None = None,
                           fusion: str = "per_task", galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32,
-                          gct_eps: float = 1e-5) -> MultiHipPoseNet:
+                          gct_eps: float = 1e-5, decoder_norm: str = "none") -> MultiHipPoseNet:
     """Config-friendly builder (plain values only); see MultiHipPoseNet and SEEDS.md §1."""
     return MultiHipPoseNet(in_channels=in_channels, num_classes=num_classes, num_keypoints=num_keypoints,
                            num_experts=num_experts, expert_depth=expert_depth, width=width,
                            decoder_width=decoder_width, fusion=fusion, galm=galm, galm_embed_dim=galm_embed_dim,
-                           gn_groups=gn_groups, gct_eps=gct_eps)
+                           gn_groups=gn_groups, gct_eps=gct_eps, decoder_norm=decoder_norm)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -178,3 +178,20 @@ def test_bad_inputs_and_arguments_give_clear_errors():
 def test_count_parameters_counts_shared_tensors_once():
     lin = nn.Linear(3, 4)
     assert count_parameters(lin) == 16 and count_parameters(nn.Sequential(lin, lin)) == 16
+
+
+def test_decoder_groupnorm_option_adds_exactly_the_norm_parameters_and_keeps_features_alive():
+    kw = dict(expert_depth=18, width=8, num_experts=2, gn_groups=4, galm="none")
+    plain = build_multihipposenet(**kw)
+    normed = build_multihipposenet(decoder_norm="gn", **kw)
+    w = 8  # decoder width tied to width: blocks 8w, 4w, 2w, w (two GN each) + final pair (two GN of w), per task
+    assert count_parameters(normed) - count_parameters(plain) == 2 * (2 * 2 * (8 + 4 + 2 + 1) * w + 2 * 2 * w)
+    captured = {}
+    normed.decoders[1].head.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    torch.manual_seed(0)
+    normed(torch.rand(1, 3, 64, 96))
+    # after GroupNorm + ReLU roughly half of the activations are positive in every group, not a dead map
+    alive = (captured["x"] > 0).float().mean().item()
+    assert 0.3 < alive < 0.7
+    with pytest.raises(ValueError, match="decoder_norm"):
+        build_multihipposenet(decoder_norm="bn", **kw)

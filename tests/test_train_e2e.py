@@ -14,7 +14,7 @@ from engine.run import train
 TINY = [
     "data.synth_n=40", "data.synth_image_hw=[96, 128]", "data.input_hw=[64, 96]", "data.sigma_px=1.5",
     "data.num_workers=0", "data.num_folds=4",
-    "model.args={expert_depth: 18, width: 8, num_experts: 2, decoder_width: 16, gn_groups: 4}",
+    "model.args={expert_depth: 18, width: 16, num_experts: 2, gn_groups: 8, decoder_norm: gn}",
     "model.criterion_args={balance: fixed}", "train.batch_size=4", "log.progress=false", "log.tensorboard=false", "log.overlays=2",
 ]
 
@@ -43,7 +43,7 @@ def _val_rows(run_dir: Path) -> list[dict]:
 
 def test_tiny_run_learns_and_writes_report(tmp_path, phantom_root):
     cfg = _cfg(tmp_path, phantom_root, "train.max_steps=60", "train.eval_every=30", "train.log_every=5",
-               "optim.lr=3e-3", "train.ckpt_every=30")
+               "optim.lr=2e-3", "train.ckpt_every=30")
     result = train(cfg)
     losses = _train_losses(tmp_path)
     first, last = losses[5], losses[60]
