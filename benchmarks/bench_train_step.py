@@ -7,10 +7,10 @@ from models.codecs import render_heatmaps_torch
 
 SIZES = {
     # the demo model (launch/configs/hip_demo.yaml) and a wider ResNet-34-style variant
-    "demo-r18w16@128x160": (dict(expert_depth=18, width=16, num_experts=3, decoder_width=32, gn_groups=8), (128, 160)),
-    "r34w32@192x256": (dict(expert_depth=34, width=32, num_experts=3, decoder_width=64, gn_groups=16), (192, 256)),
+    "demo-r18w16@128x160": (dict(expert_depth=18, width=16, num_experts=3, decoder_norm="gn"), (128, 160)),
+    "r34w32@192x256": (dict(expert_depth=34, width=32, num_experts=3, decoder_norm="gn"), (192, 256)),
 }
-BATCH = 4
+BATCH = 8  # the demo's batch
 
 
 def _batch(hw, k=6, classes=8):
@@ -40,7 +40,7 @@ def test_train_step(benchmark, record, size, galm):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up (allocations, first-call overheads)
     benchmark.pedantic(step, rounds=3, iterations=1)
