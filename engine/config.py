@@ -155,6 +155,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    sdr_radii_mm: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    """Success-detection-rate radii (report keys sdr_<r>mm; published: 0.5 / 1 / 1.5 mm)."""
+    angle_tolerances_deg: tuple[float, ...] = (3.0, 5.0, 10.0)
+    """Graf-angle tolerances (report keys alpha_within_<t>deg / beta_within_<t>deg)."""
+    num_workers: int = 0
+    """DataLoader workers for evaluation."""
+
+
+@dataclass
 class DistConfig:
     strategy: Literal["auto", "single", "ddp"] = "auto"
     """auto: ddp when launched with more than one process, else single."""
@@ -188,6 +198,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -43,9 +43,10 @@ def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callabl
 @torch.no_grad()
 def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable,
                      criterion: nn.Module | None = None, batch_size: int = 4, num_workers: int = 0,
-                     num_classes: int = 8, class_names=None, gather_records: bool = False
+                     gather_records: bool = False, **metric_args: Any
                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked)."""
+    """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked).
+    metric_args go to MetricAccumulator (num_classes, class_names, sdr_radii_mm, angle_tolerances_deg)."""
     info = strategy.info
     was_training = model.training
     model.eval()
@@ -55,7 +56,7 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Ca
                              batch_size=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_samples)
-    acc = MetricAccumulator(num_classes=num_classes, class_names=class_names)
+    acc = MetricAccumulator(**metric_args)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample loss, count)
     for batch in loader:
         batch = batch.to(info.device)

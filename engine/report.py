@@ -65,8 +65,8 @@ def format_summary(figures: dict[str, float], extra: dict[str, Any]) -> str:
         f" MedPose report — {extra.get('split', 'test')} split, {int(figures.get('num_images', 0))} images",
         "=" * 64,
         f" segmentation  mIoU (7 structures) {f('seg_miou')}   Dice {f('seg_dice')}   HD95 {f('seg_hd95_mm', ' mm')}",
-        f" landmarks     MRE {f('landmark_mre_px', ' px')} = {f('landmark_mre_mm', ' mm')}   "
-        f"SDR@1mm {f('sdr_1mm', ' %')}   SDR@2mm {f('sdr_2mm', ' %')}",
+        f" landmarks     MRE {f('landmark_mre_px', ' px')} = {f('landmark_mre_mm', ' mm')}",
+        "               " + "   ".join(f"SDR@{k[4:]} {f(k, ' %')}" for k in figures if k.startswith("sdr_")),
         f" Graf angles   alpha MAE {f('alpha_mae_deg', '°')}   beta MAE {f('beta_mae_deg', '°')}   "
         f"alpha within 5° {f('alpha_within_5deg', ' %')}",
         f" screening     type II accuracy {f('screening_accuracy', ' %', 100.0)}   "

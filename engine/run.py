@@ -88,12 +88,9 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
         data = LOADERS[cfg.data.loader](cfg.data, run_dir, strategy, seed=cfg.train.seed)
         model = build_model(cfg)
         criterion = build_criterion(cfg.model.name, **cfg.model.criterion_args)
-        decode = _decoder(cfg)
 
         def evaluate_fn(m, step):
-            figures, _ = evaluate_dataset(m, data["val"], strategy, decode, criterion, cfg.train.batch_size,
-                                          num_classes=data["num_classes"], class_names=data["class_names"])
-            return figures
+            return _evaluate(cfg, strategy, data, "val", m, criterion)[0]
 
         trainer = Trainer(cfg, strategy, model, criterion, data["train"], evaluate_fn, run_dir)
         resume_path = resolve_resume(resume, run_dir) if resume else None
@@ -118,9 +115,7 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
 def test_report(cfg: Config, strategy, data: dict, model, criterion, out_dir: Path, split: str = "test",
                 extra: dict | None = None) -> dict[str, Any] | None:
     """Evaluate `split` on every rank, then rank 0 writes report.json and the figures into out_dir."""
-    figures, records = evaluate_dataset(model, data[split], strategy, _decoder(cfg), criterion, cfg.train.batch_size,
-                                        num_classes=data["num_classes"], class_names=data["class_names"],
-                                        gather_records=True)
+    figures, records = _evaluate(cfg, strategy, data, split, model, criterion, gather_records=True)
     if not strategy.info.is_main:
         return None
     extra = {"split": split, "world_size": strategy.info.world_size, "strategy": strategy.name, **(extra or {})}
@@ -146,6 +141,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
         return test_report(cfg, strategy, data, model, criterion, out_dir, split, extra={"checkpoint": str(checkpoint)})
     finally:
         strategy.close()
+
+
+def _evaluate(cfg: Config, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
+    return evaluate_dataset(model, data[split], strategy, _decoder(cfg), criterion, cfg.train.batch_size,
+                            num_workers=cfg.eval.num_workers, gather_records=gather_records,
+                            num_classes=data["num_classes"], class_names=data["class_names"],
+                            sdr_radii_mm=cfg.eval.sdr_radii_mm, angle_tolerances_deg=cfg.eval.angle_tolerances_deg)
 
 
 def _decoder(cfg: Config):

@@ -50,7 +50,7 @@ class SingleStrategy:
         return model.module if hasattr(model, "module") else model
 
     def close(self) -> None:
-        pass
+        """One process holds no process group: nothing to release."""
 
     # -- one optimizer step over grad_accum micro-batches
     def autocast(self):
@@ -103,7 +103,7 @@ class SingleStrategy:
         return [obj]
 
     def barrier(self) -> None:
-        pass
+        """One process: nothing to wait for."""
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:

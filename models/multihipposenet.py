@@ -5,7 +5,6 @@ Published configuration: 3 ResNet-50-GN experts, width 64, shared fusion, weight
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -174,5 +173,3 @@ def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
 
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"multihipposenet": build_multihipposenet}

@@ -129,9 +129,12 @@ def test_cli_eval_and_predict_read_the_checkpoint(tmp_path, phantom_root):
                 "train.eval_every=0"]
     assert main(["train", "--no-test", *cfg_args]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
-    assert main(["eval", "--checkpoint", str(ckpt), "--split", "val", "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--split", "val", "--out", str(tmp_path / "ev"),
+                 "eval.sdr_radii_mm=[0.25, 7]"]) == 0
     ev = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert ev["run"]["split"] == "val"
+    assert sorted(k for k in ev["figures"] if k.startswith("sdr_")) == ["sdr_0.25mm", "sdr_7mm"]
+    assert ev["figures"]["sdr_7mm"] >= ev["figures"]["sdr_0.25mm"]
     inputs = sorted(str(p) for p in Path(phantom_root).glob("*.png"))[:2]
     json_in = sorted(str(p) for p in Path(phantom_root).glob("*.json") if p.name != "dataset.json")[:1]
     assert main(["predict", "--checkpoint", str(ckpt), *inputs, *json_in, "--out", str(tmp_path / "pr")]) == 0
