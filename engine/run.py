@@ -103,7 +103,7 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
             best = run_dir / "checkpoints" / "best.pt"
             if best.is_file():
                 trainer.resume_weights_only(best)
-            result["report"] = test_report(cfg, strategy, data, trainer.model, criterion, run_dir, extra={
+            result["report"] = held_out_report(cfg, strategy, data, trainer.model, criterion, run_dir, extra={
                 "checkpoint": str(best if best.is_file() else "final weights"), "best_step": result["best_step"],
                 "steps": result["step"], "wall_time_s": round(time.time() - t_start, 1)})
         strategy.barrier()
@@ -112,7 +112,7 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
         strategy.close()
 
 
-def test_report(cfg: Config, strategy, data: dict, model, criterion, out_dir: Path, split: str = "test",
+def held_out_report(cfg: Config, strategy, data: dict, model, criterion, out_dir: Path, split: str = "test",
                 extra: dict | None = None) -> dict[str, Any] | None:
     """Evaluate `split` on every rank, then rank 0 writes report.json and the figures into out_dir."""
     figures, records = _evaluate(cfg, strategy, data, split, model, criterion, gather_records=True)
@@ -138,7 +138,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
         model.load_state_dict(ckpt["model"])
         model.to(strategy.info.device)
         criterion = build_criterion(cfg.model.name, **cfg.model.criterion_args).to(strategy.info.device)
-        return test_report(cfg, strategy, data, model, criterion, out_dir, split, extra={"checkpoint": str(checkpoint)})
+        return held_out_report(cfg, strategy, data, model, criterion, out_dir, split, extra={"checkpoint": str(checkpoint)})
     finally:
         strategy.close()
 
