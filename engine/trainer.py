@@ -192,9 +192,9 @@ class Trainer:
         if self._is_better(metrics[key]):
             self.best_value, self.best_step = float(metrics[key]), self.step
             self.save(self.ckpt_dir / "best.pt", make_latest=False)
-        logger.write(f"[val @ step {self.step}] " + ", ".join(
-            f"{k}={metrics[k]:.4g}" for k in ("loss", "seg_miou", "landmark_mre_px", "alpha_mae_deg", key)
-            if k in metrics) + f" (best {key}={self.best_value:.4g} @ {self.best_step})")
+        shown = dict.fromkeys(("loss", "seg_miou", "landmark_mre_px", "alpha_mae_deg", key))  # ordered, no repeats
+        logger.write(f"[val @ step {self.step}] " + ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+                     + f" (best {key}={self.best_value:.4g} @ {self.best_step})")
         return metrics
 
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
