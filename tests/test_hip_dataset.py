@@ -1,3 +1,4 @@
+import collections
 import json
 import logging
 import shutil
@@ -36,8 +37,7 @@ def _first_error(loader):
     """Iterate until the loader raises; drop the iterator at once so its workers stop now, not at exit."""
     it = iter(loader)
     try:
-        for _ in it:
-            pass
+        collections.deque(it, maxlen=0)  # drain
     except Exception as exc:        # noqa: BLE001 - returned for the caller to check its type
         exc.__traceback__ = None
         return exc
