@@ -24,6 +24,7 @@ setup(
         "tensorboard>=2.12",
         "numba>=0.58",
         "torch-geometric>=2.4",
+        "nibabel>=5.0",
     ],
     extras_require={
         "triton": ["triton>=3.0"],

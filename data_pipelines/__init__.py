@@ -3,6 +3,7 @@ from data_pipelines.batch import Batch, collate_samples
 from data_pipelines.errors import DataError
 from data_pipelines.heatmaps import render_heatmaps, render_heatmaps_numba, render_heatmaps_numpy
 from data_pipelines.hip_data import build_hip_data
+from data_pipelines.hip_data import load_for_predict as load_labelme_for_predict
 from data_pipelines.hip_dataset import HipDataset, find_labelme_files
 from data_pipelines.labelme import (HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, LabelmeInfo, LabelmeRecord,
                                     polygon_mask, rasterize_polygons, read_labelme, validate_labelme)
@@ -14,11 +15,15 @@ from data_pipelines.transforms import (AugmentParams, add_speckle_noise, adjust_
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
                                        warp_points)
 
-# data.loader -> builder(data_cfg, run_dir, strategy, seed) -> {"train", "val", "test", ...} (engine/run.py)
-LOADERS = {"torch": build_hip_data}
+# data.format -> builder(data_cfg, run_dir, strategy, seed) -> {"train", "val", "test", ...} (task_data.py contract)
+READERS = {"labelme": build_hip_data}
+# data.format -> load_for_predict(path, data_cfg) -> one preprocessed input of `medpose predict`
+PREDICT_INPUTS = {"labelme": load_labelme_for_predict}
+# data.loader -> the implementation that serves the readers' samples (the torch DataLoader path today)
+LOADERS = {"torch": READERS}
 
 __all__ = [
-    "LOADERS", "build_hip_data",
+    "LOADERS", "READERS", "PREDICT_INPUTS", "build_hip_data",
     "Batch", "collate_samples", "DataError",
     "render_heatmaps", "render_heatmaps_numba", "render_heatmaps_numpy",
     "HipDataset", "find_labelme_files",

@@ -32,3 +32,7 @@ class DataError(ValueError):
     def __reduce__(self):
         # Keep both fields across pickling (multiprocessing, spawn start method).
         return (DataError, (self.path, self.problem))
+
+
+class OptionError(ValueError):
+    """A reader option (`data.reader_args`) that is unknown or has a bad value; the message names the option."""

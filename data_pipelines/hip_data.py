@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .hip_dataset import HipDataset, find_labelme_files
-from .labelme import HIP_CLASS_NAMES
+from .labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES
 from .splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
 from .synth_hip import generate_hip_dataset
 from .transforms import AugmentParams
@@ -75,7 +75,41 @@ def build_hip_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, An
 
     out = {"train": subset(splits["train_oversampled"], augment), "val": subset(splits["val"], None),
            "test": subset(splits["test"], None), "num_classes": len(HIP_CLASS_NAMES),
-           "class_names": list(HIP_CLASS_NAMES), "splits": splits}
+           "class_names": list(HIP_CLASS_NAMES), "kpt_names": list(HIP_KPT_NAMES), "splits": splits,
+           "skipped": list(probe.skipped)}
     log.info("data: %d train (%d after oversampling type II), %d val, %d test, %d skipped", len(splits["train"]),
              len(out["train"]), len(out["val"]), len(out["test"]), len(probe.skipped))
     return out
+
+
+def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
+    """One input of `medpose predict`: a labelme JSON (truth drawn too) or any image file, preprocessed like an
+    evaluation sample (letterbox into data.input_hw, /255, pad 128/255, grey replicated to RGB)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import DataError
+    from .hip_dataset import PAD_VALUE
+    from .labelme import read_labelme
+    from .transforms import letterbox_matrix, warp_image
+
+    path = Path(path)
+    truth = None
+    if path.suffix.lower() == ".json":
+        rec = read_labelme(path)
+        image_HW3 = rec.image_HW3
+        truth = {"mask_HW": rec.mask_HW, "kpts_px_K2": rec.kpts_px_K2, "kpts_visible_K": rec.kpts_visible_K}
+    else:
+        if not path.is_file():
+            raise DataError(path, "input file not found")
+        try:
+            with Image.open(path) as im:
+                image_HW3 = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(path, f"image does not decode ({e})") from None
+    input_hw = tuple(data_cfg.input_hw)
+    m = letterbox_matrix(image_HW3.shape[:2], input_hw)
+    x = warp_image(image_HW3.transpose(2, 0, 1).astype(np.float32) / 255.0, m, input_hw, pad_value=PAD_VALUE)
+    spacing = np.asarray(data_cfg.spacing_mm or (float("nan"), float("nan")), dtype=np.float64)
+    return {"image_HW3": image_HW3, "input_CHW": x, "to_input_3x3": m, "spacing_mm_2": spacing, "truth": truth,
+            "kpt_names": [f"P{k + 1}" for k in range(len(HIP_KPT_NAMES))]}

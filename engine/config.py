@@ -22,10 +22,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    task: str = "hip_us"
+    """Clinical task (keys of engine.tasks.TASKS): hip_us, hip_xray, spine_disc, fetal_head. Picks the metrics,
+    figures and prediction outputs."""
+    format: str = "auto"
+    """Dataset format (keys of data_pipelines.READERS): labelme, xray_csv, nifti, hc18, coco; auto = the task's own."""
+    reader_args: dict[str, Any] = field(default_factory=dict)
+    """Options of the chosen reader (e.g. xray_csv: resize, equalize; nifti: slab, first_label; coco: annotations).
+    An unknown option is an error that lists the valid ones."""
     root: str = "runs/data/synth_hip"
-    """Dataset folder: labelme JSON files (+ images beside them) and optionally dataset.json."""
+    """Dataset folder (layout depends on data.format)."""
     synthetic: bool = True
-    """Generate the synthetic hip phantom into `root` when the folder holds no JSON yet."""
+    """Generate the task's synthetic data into `root` when the folder holds no data yet."""
     synth_n: int = 240
     """Number of phantom images to generate."""
     synth_seed: int = 0
@@ -83,6 +91,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "multihipposenet"
     """Key of models.MODELS."""
+    criterion: str = ""
+    """Key of models.CRITERIA; empty = the model's own loss (same key as model.name)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the model builder (checked against its signature)."""
     criterion_args: dict[str, Any] = field(default_factory=dict)
@@ -141,10 +151,10 @@ class TrainConfig:
     """Non-finite loss or gradient norm: stop with a message, or skip the step."""
     max_skipped_steps: int = 20
     """With nan_policy=skip, stop after this many consecutive skipped steps."""
-    best_metric: str = "alpha_mae_deg"
-    """Validation figure that picks best.pt."""
-    best_mode: Literal["min", "max"] = "min"
-    """Whether smaller or larger best_metric is better."""
+    best_metric: str = "auto"
+    """Validation figure that picks best.pt; auto = the task's headline figure (hip_us: alpha_mae_deg)."""
+    best_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether smaller or larger best_metric is better; auto = the task's choice."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (slower on GPU)."""
 
@@ -162,6 +172,8 @@ class EvalConfig:
     """Graf-angle tolerances (report keys alpha_within_<t>deg / beta_within_<t>deg)."""
     num_workers: int = 0
     """DataLoader workers for evaluation."""
+    task_args: dict[str, Any] = field(default_factory=dict)
+    """Options of the task's metrics (e.g. spine_disc: fn_si_mm, fp_si_mm); checked against the task's signature."""
 
 
 @dataclass
@@ -304,10 +316,13 @@ def _build(cls, values: dict[str, Any], prefix: str, source: str):
         raise ConfigError(f"{source}: {e}") from None
 
 
+_FLAT_DICTS = ("args", "criterion_args", "reader_args", "task_args")  # option dicts: merged one level deep
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("args", "criterion_args"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _FLAT_DICTS:
             out[k] = _deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}

@@ -2,7 +2,7 @@
 
 Segmentation is scored at the original resolution (SEEDS §1): the seg logits are resampled through the inverse of the
 sample's original→input matrix, then arg-maxed. Landmarks go through the same inverse; distances use the dataset's
-original pixel spacing.
+original pixel spacing. What is measured is the task's business (engine/tasks): this loop only feeds its accumulator.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from data_pipelines.batch import collate_samples
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.transforms import warp_image, warp_points
 
-from .metrics import MetricAccumulator
 
 
 def to_original_points(kpts_px_K2: np.ndarray, to_input_3x3) -> np.ndarray:
@@ -40,13 +39,27 @@ def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callabl
     return outputs, decode_fn(outputs)
 
 
+def sample_prediction(outputs: dict[str, torch.Tensor], preds: dict[str, torch.Tensor], i: int,
+                      to_input_3x3, orig_hw: tuple[int, int]) -> dict[str, Any]:
+    """Sample i of a decoded batch in its original frame (engine/tasks/base.py): kpts_px_K2 through the inverse
+    matrix, seg logits resampled onto the original grid then arg-maxed, scores and presence passed through."""
+    pred: dict[str, Any] = {"kpts_px_K2": to_original_points(preds["kpts_px_BK2"][i].detach().float().cpu().numpy(),
+                                                             to_input_3x3)}
+    for key in ("kpt_score_BK", "kpt_present_BK"):
+        if preds.get(key) is not None:
+            pred[key[:-3] + "_K"] = preds[key][i].detach().cpu().numpy()
+    if outputs.get("seg_logits_BCHW") is not None:
+        logits = to_original_logits(outputs["seg_logits_BCHW"][i], to_input_3x3, orig_hw)
+        pred["mask_HW"] = logits.argmax(0).cpu().numpy().astype(np.int64)
+    return pred
+
+
 @torch.no_grad()
-def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable,
+def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable, accumulator,
                      criterion: nn.Module | None = None, batch_size: int = 4, num_workers: int = 0,
-                     gather_records: bool = False, **metric_args: Any
-                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                     gather_records: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked).
-    metric_args go to MetricAccumulator (num_classes, class_names, sdr_radii_mm, angle_tolerances_deg)."""
+    `accumulator` is the task's (engine/tasks/base.py): update_sample / state / load_state / compute / records."""
     info = strategy.info
     was_training = model.training
     model.eval()
@@ -56,7 +69,7 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Ca
                              batch_size=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_samples)
-    acc = MetricAccumulator(**metric_args)
+    acc = accumulator
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample loss, count)
     for batch in loader:
         batch = batch.to(info.device)
@@ -64,15 +77,10 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Ca
         if criterion is not None:
             loss = float(criterion(outputs, batch.targets())["loss"])
             loss_sum += torch.tensor([loss * batch.size, batch.size], dtype=torch.float64)
-        kpts_in = preds["kpts_px_BK2"].cpu().numpy()
         for i, meta in enumerate(batch.meta):
             orig = dataset.original(meta["index"])
-            logits = to_original_logits(outputs["seg_logits_BCHW"][i], meta["to_input_3x3"], orig["mask_HW"].shape)
-            pred_mask = logits.argmax(0).cpu().numpy()
-            pred_kpts = to_original_points(kpts_in[i], meta["to_input_3x3"])
-            acc.update(pred_mask[None], np.asarray(orig["mask_HW"])[None], pred_kpts[None],
-                       np.asarray(orig["kpts_px_K2"])[None], np.asarray(orig["kpts_visible_K"])[None],
-                       np.asarray(orig["spacing_mm_2"], dtype=np.float64)[None], ids=[meta["id"]])
+            orig_hw = tuple(meta.get("orig_hw") or np.asarray(orig["image_HW3"]).shape[:2])
+            acc.update_sample(sample_prediction(outputs, preds, i, meta["to_input_3x3"], orig_hw), orig, meta)
     state = {k: strategy.all_reduce_sum(v) for k, v in acc.state().items()}
     acc.load_state(state)
     figures = acc.compute()

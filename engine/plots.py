@@ -200,13 +200,14 @@ def _angle_text(pred_K2: np.ndarray, true_K2: np.ndarray | None) -> str:
 
 def plot_overlay(image: Any, pred_mask_HW: Any, pred_kpts_K2: Any, out_path: Path | str,
                  true_mask_HW: Any = None, true_kpts_K2: Any = None, class_names: Sequence[str] | None = None,
-                 title: str | None = None) -> Path:
-    """Image + translucent predicted mask (legend per class) + predicted landmarks P1..PK; for hips (K = 6) the
+                 title: str | None = None, graf_lines: bool = True) -> Path:
+    """Image + translucent predicted mask (None: landmarks only; legend per class) + predicted landmarks P1..PK; for
+    hips (K = 6, graf_lines) the
     baseline P1-P2, bony roof P3-P5 and cartilage roof P4-P6 extended across the image and the alpha/beta values.
     Truth, when given, as mask contours and hollow markers (non-finite truth points are not drawn)."""
     img = _as_image(image)
     h, w = img.shape[:2]
-    pred_mask = np.asarray(pred_mask_HW)
+    pred_mask = np.zeros((h, w), np.int64) if pred_mask_HW is None else np.asarray(pred_mask_HW)
     true_mask = None if true_mask_HW is None else np.asarray(true_mask_HW)
     for name, m in (("pred_mask_HW", pred_mask), ("true_mask_HW", true_mask)):
         if m is not None and m.shape != (h, w):
@@ -220,7 +221,7 @@ def plot_overlay(image: Any, pred_mask_HW: Any, pred_kpts_K2: Any, out_path: Pat
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
     handles = _draw_masks(ax, pred_mask.astype(np.int64), None if true_mask is None else true_mask.astype(np.int64),
                           names)
-    if pred_k.shape[0] == NUM_HIP_LANDMARKS:
+    if graf_lines and pred_k.shape[0] == NUM_HIP_LANDMARKS:
         for (i, j), style, colour, label in (((0, 1), "-", "white", "baseline P1–P2"),
                                              ((2, 4), "--", "#ff8c00", "bony roof P3–P5"),
                                              ((3, 5), "-.", "#00e676", "cartilage roof P4–P6")):

@@ -1,6 +1,7 @@
 """Putting a run together: config → dist info → strategy → run dir → data → model → trainer → report."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import time
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 
 from data_pipelines import LOADERS
-from models import MODELS, build_criterion, decode_outputs
+from data_pipelines.errors import OptionError
+from models import CRITERIA, MODELS, build_criterion
 
 from .checkpoint import load_checkpoint_file, resolve_resume, seed_everything, versions
 from .config import Config, ConfigError, save_config
@@ -20,6 +22,7 @@ from .logger import LOG, setup_console_logging
 from .plots import plot_training_curves
 from .report import write_report
 from .strategies import build_strategy
+from .tasks import build_task
 from .trainer import Trainer
 
 
@@ -51,6 +54,41 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return builder(**cfg.model.args)
 
 
+def resolve_config(cfg: Config) -> Config:
+    """Fill the `auto` fields from the task (data.format, train.best_metric / best_mode): the saved config is the
+    resolved one, so a checkpoint says exactly what ran."""
+    task = build_task(cfg.data.task, cfg.eval.task_args)
+    data = dataclasses.replace(cfg.data, format=task.default_format if cfg.data.format == "auto" else cfg.data.format)
+    train = dataclasses.replace(
+        cfg.train, best_metric=task.best_metric if cfg.train.best_metric == "auto" else cfg.train.best_metric,
+        best_mode=task.best_mode if cfg.train.best_mode == "auto" else cfg.train.best_mode)
+    return dataclasses.replace(cfg, data=data, train=train)
+
+
+def build_data(cfg: Config, run_dir: Path, strategy) -> dict[str, Any]:
+    """The reader of data.format behind data.loader: train / val / test datasets and their metadata."""
+    readers = LOADERS[cfg.data.loader]
+    fmt = cfg.data.format
+    if fmt not in readers:
+        raise ConfigError(f"data.format: unknown format '{fmt}' (choose from {sorted(readers)} or auto)")
+    try:
+        return readers[fmt](cfg.data, run_dir, strategy, seed=cfg.train.seed)
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_criterion(cfg: Config) -> torch.nn.Module:
+    name = cfg.model.criterion or cfg.model.name
+    if name not in CRITERIA:
+        raise ConfigError(f"model.criterion: no loss named '{name}' (choose from {sorted(CRITERIA)})")
+    params = inspect.signature(CRITERIA[name]).parameters
+    unknown = sorted(set(cfg.model.criterion_args) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(f"model.criterion_args: unknown key '{unknown[0]}' for loss '{name}' "
+                          f"(valid: {', '.join(params)})")
+    return build_criterion(name, **cfg.model.criterion_args)
+
+
 def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
     """runs_root/name, or name-2, name-3 ... when it exists and this is a fresh run; rank 0 decides for all."""
     if cfg.log.run_dir:
@@ -72,6 +110,8 @@ def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
 
 def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> dict[str, Any]:
     t_start = time.time()
+    cfg = resolve_config(cfg)
+    task = build_task(cfg.data.task, cfg.eval.task_args)
     strategy = make_strategy(cfg)
     info = strategy.info
     seed_everything(cfg.train.seed + info.rank)
@@ -82,17 +122,19 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
-    LOG.info("run dir %s | strategy %s | world size %d | device %s", run_dir, strategy.name, info.world_size,
-             info.device)
+    LOG.info("run dir %s | task %s | format %s | model %s | strategy %s | world size %d | device %s", run_dir,
+             task.name, cfg.data.format, cfg.model.name, strategy.name, info.world_size, info.device)
     try:
-        data = LOADERS[cfg.data.loader](cfg.data, run_dir, strategy, seed=cfg.train.seed)
+        data = build_data(cfg, run_dir, strategy)
+        task.fit(data["train"])
         model = build_model(cfg)
-        criterion = build_criterion(cfg.model.name, **cfg.model.criterion_args)
+        criterion = make_criterion(cfg)
 
         def evaluate_fn(m, step):
-            return _evaluate(cfg, strategy, data, "val", m, criterion)[0]
+            return _evaluate(cfg, task, strategy, data, "val", m, criterion)[0]
 
-        trainer = Trainer(cfg, strategy, model, criterion, data["train"], evaluate_fn, run_dir)
+        trainer = Trainer(cfg, strategy, model, criterion, data["train"], evaluate_fn, run_dir,
+                          extra_state=lambda: {"task": task.state_dict()}, shown=task.shown)
         resume_path = resolve_resume(resume, run_dir) if resume else None
         result = trainer.fit(resume_path)
         result["run_dir"] = str(run_dir)
@@ -103,7 +145,7 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
             best = run_dir / "checkpoints" / "best.pt"
             if best.is_file():
                 trainer.resume_weights_only(best)
-            result["report"] = held_out_report(cfg, strategy, data, trainer.model, criterion, run_dir, extra={
+            result["report"] = held_out_report(cfg, task, strategy, data, trainer.model, criterion, run_dir, extra={
                 "checkpoint": str(best if best.is_file() else "final weights"), "best_step": result["best_step"],
                 "steps": result["step"], "wall_time_s": round(time.time() - t_start, 1)})
         strategy.barrier()
@@ -112,19 +154,21 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
         strategy.close()
 
 
-def held_out_report(cfg: Config, strategy, data: dict, model, criterion, out_dir: Path, split: str = "test",
-                extra: dict | None = None) -> dict[str, Any] | None:
+def held_out_report(cfg: Config, task, strategy, data: dict, model, criterion, out_dir: Path, split: str = "test",
+                    extra: dict | None = None) -> dict[str, Any] | None:
     """Evaluate `split` on every rank, then rank 0 writes report.json and the figures into out_dir."""
-    figures, records = _evaluate(cfg, strategy, data, split, model, criterion, gather_records=True)
+    figures, records = _evaluate(cfg, task, strategy, data, split, model, criterion, gather_records=True)
     if not strategy.info.is_main:
         return None
     extra = {"split": split, "world_size": strategy.info.world_size, "strategy": strategy.name, **(extra or {})}
-    return write_report(out_dir, cfg, figures, records, strategy.unwrap(model), data[split], _decoder(cfg), extra)
+    return write_report(out_dir, cfg, task, figures, records, strategy.unwrap(model), data[split],
+                        task.decoder(cfg), extra)
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path, split: str = "test"
                         ) -> dict[str, Any] | None:
     """`medpose eval`: the checkpoint's weights on the config's data split; report + figures in out_dir."""
+    cfg = resolve_config(cfg)
     strategy = make_strategy(cfg)
     out_dir = Path(out_dir)
     try:
@@ -132,39 +176,40 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
             out_dir.mkdir(parents=True, exist_ok=True)
         strategy.barrier()
         setup_console_logging(strategy.info.rank, out_dir)
-        data = LOADERS[cfg.data.loader](cfg.data, out_dir, strategy, seed=cfg.train.seed)
-        model = build_model(cfg)
+        data = build_data(cfg, out_dir, strategy)
         ckpt = load_checkpoint_file(checkpoint)
+        task = build_task(cfg.data.task, cfg.eval.task_args)
+        task_state = ckpt.get("client", {}).get("task")
+        if task_state:
+            task.load_state_dict(task_state)
+        else:
+            task.fit(data["train"])
+        model = build_model(cfg)
         model.load_state_dict(ckpt["model"])
         model.to(strategy.info.device)
-        criterion = build_criterion(cfg.model.name, **cfg.model.criterion_args).to(strategy.info.device)
-        return held_out_report(cfg, strategy, data, model, criterion, out_dir, split, extra={"checkpoint": str(checkpoint)})
+        criterion = make_criterion(cfg).to(strategy.info.device)
+        return held_out_report(cfg, task, strategy, data, model, criterion, out_dir, split,
+                               extra={"checkpoint": str(checkpoint)})
     finally:
         strategy.close()
 
 
-def _evaluate(cfg: Config, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
-    return evaluate_dataset(model, data[split], strategy, _decoder(cfg), criterion, cfg.train.batch_size,
-                            num_workers=cfg.eval.num_workers, gather_records=gather_records,
-                            num_classes=data["num_classes"], class_names=data["class_names"],
-                            sdr_radii_mm=cfg.eval.sdr_radii_mm, angle_tolerances_deg=cfg.eval.angle_tolerances_deg)
+def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
+    return evaluate_dataset(model, data[split], strategy, task.decoder(cfg), task.accumulator(cfg, data), criterion,
+                            cfg.train.batch_size, num_workers=cfg.eval.num_workers, gather_records=gather_records)
 
 
-def _decoder(cfg: Config):
-    """Heatmap decoding with the data's sigma and peak (DARK's blur kernel scales with sigma)."""
-    method, sigma, peak = cfg.model.decode, cfg.data.sigma_px, cfg.data.heatmap_peak
-    return lambda outputs: decode_outputs(outputs, method=method, sigma=sigma, peak=peak)
-
-
-def load_for_inference(checkpoint: str | Path, device: torch.device | None = None) -> tuple[torch.nn.Module, Config]:
-    """A model and its resolved config from any checkpoint file (weights only)."""
+def load_for_inference(checkpoint: str | Path, device: torch.device | None = None):
+    """(model, resolved config, task with its learned state) from any checkpoint file (weights only)."""
     from .config import load_config
     ckpt = load_checkpoint_file(checkpoint)
     client = ckpt.get("client", {})
     if "config" not in client:
         raise ConfigError(f"{checkpoint}: the checkpoint carries no resolved config")
-    cfg = load_config(None, base=client["config"])
+    cfg = resolve_config(load_config(None, base=client["config"]))
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     model.to(device or torch.device("cpu")).eval()
-    return model, cfg
+    task = build_task(cfg.data.task, cfg.eval.task_args)
+    task.load_state_dict(client.get("task") or {})
+    return model, cfg, task

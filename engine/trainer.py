@@ -48,7 +48,10 @@ def _seed_worker(worker_id: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, strategy, model: nn.Module, criterion: nn.Module, train_set: Dataset,
-                 evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None, run_dir: Path):
+                 evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None, run_dir: Path,
+                 extra_state: Callable[[], dict[str, Any]] | None = None, shown: tuple[str, ...] = ("loss",)):
+        """extra_state: more client state for every checkpoint (e.g. the task's learned state); shown: validation
+        figures printed on the console line."""
         self.cfg = cfg
         self.strategy = strategy
         self.info = strategy.info
@@ -57,6 +60,8 @@ class Trainer:
         self.criterion = criterion.to(self.info.device)
         self.train_set = train_set
         self.evaluate_fn = evaluate_fn
+        self.extra_state = extra_state
+        self.shown = tuple(shown)
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer)
         self.model, self.optimizer, self.scheduler = strategy.setup(model, optimizer, scheduler)
@@ -93,7 +98,8 @@ class Trainer:
         return {"step": self.step, "epoch": self.pos.epoch, "data_pos": vars(self.pos).copy(),
                 "rng_per_rank": rng_all, "world_size": self.info.world_size,
                 "criterion": self.criterion.state_dict(), "best_value": self.best_value,
-                "best_step": self.best_step, "config": self.cfg.to_dict(), "versions": versions()}
+                "best_step": self.best_step, "config": self.cfg.to_dict(), "versions": versions(),
+                **(self.extra_state() if self.extra_state is not None else {})}
 
     def save(self, path: Path | None = None, make_latest: bool = True) -> Path:
         path = path or checkpoint_path(self.ckpt_dir, self.step)
@@ -180,19 +186,20 @@ class Trainer:
             return False
         if self.best_value is None:
             return True
-        return value < self.best_value if self.cfg.train.best_mode == "min" else value > self.best_value
+        return value > self.best_value if self.cfg.train.best_mode == "max" else value < self.best_value
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
         metrics = self.evaluate_fn(self.model, self.step)
         logger.log(self.step, "val", metrics)
-        key = self.cfg.train.best_metric
+        # engine/run.py resolves "auto" from the task; a Trainer used on its own falls back to the validation loss
+        key = "loss" if self.cfg.train.best_metric == "auto" else self.cfg.train.best_metric
         if key not in metrics:
             raise KeyError(f"train.best_metric: '{key}' is not among the validation figures "
                            f"({', '.join(sorted(metrics))})")
         if self._is_better(metrics[key]):
             self.best_value, self.best_step = float(metrics[key]), self.step
             self.save(self.ckpt_dir / "best.pt", make_latest=False)
-        shown = dict.fromkeys(("loss", "seg_miou", "landmark_mre_px", "alpha_mae_deg", key))  # ordered, no repeats
+        shown = dict.fromkeys((*self.shown, key))  # ordered, no repeats
         logger.write(f"[val @ step {self.step}] " + ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
                      + f" (best {key}={self.best_value:.4g} @ {self.best_step})")
         return metrics

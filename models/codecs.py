@@ -162,15 +162,23 @@ def decode_heatmaps(heatmap_BKHW: torch.Tensor, method: str = "dark", sigma: flo
 def decode_outputs(outputs: dict[str, torch.Tensor], method: str = "dark", sigma: float = 7.0,
                    kernel_size: int | None = None, beta: float | None = None, peak: float = 255.0
                    ) -> dict[str, torch.Tensor]:
-    """Network outputs -> {"mask_BHW": int64 argmax of the logits, "kpts_px_BK2": float32 input-frame pixels,
-    "kpt_score_BK": float32}. `sigma` is the target heatmap sigma (sets DARK's default blur kernel); `peak` the target
-    peak (scores are peak-relative; soft-argmax's default beta is 20 / peak)."""
-    for key in ("seg_logits_BCHW", "heatmap_BKHW"):
-        if key not in outputs:
-            raise KeyError(f"models/codecs.py: decode_outputs needs '{key}' in the outputs (got {sorted(outputs)})")
-    mask_BHW = outputs["seg_logits_BCHW"].argmax(dim=1).to(torch.int64)
-    kpts, score = decode_heatmaps(outputs["heatmap_BKHW"].detach(), method, sigma, kernel_size, beta, peak)
-    return {"mask_BHW": mask_BHW, "kpts_px_BK2": kpts, "kpt_score_BK": score}
+    """Network outputs -> {"kpts_px_BK2": float32 input-frame pixels, "kpt_score_BK": float32, "mask_BHW": int64
+    argmax of the logits when the model segments}. Landmarks come from "kpts_px_BK2" when the model regresses them
+    (score 1), else from "heatmap_BKHW" decoded by `method`. `sigma` is the target heatmap sigma (sets DARK's default
+    blur kernel); `peak` the target peak (scores are peak-relative; soft-argmax's default beta is 20 / peak)."""
+    out: dict[str, torch.Tensor] = {}
+    if outputs.get("kpts_px_BK2") is not None:
+        kpts = outputs["kpts_px_BK2"].detach().float()
+        out["kpts_px_BK2"], out["kpt_score_BK"] = kpts, torch.ones(kpts.shape[:2], device=kpts.device)
+    elif outputs.get("heatmap_BKHW") is not None:
+        out["kpts_px_BK2"], out["kpt_score_BK"] = decode_heatmaps(outputs["heatmap_BKHW"].detach(), method, sigma,
+                                                                  kernel_size, beta, peak)
+    else:
+        raise KeyError(f"models/codecs.py: decode_outputs needs 'heatmap_BKHW' or 'kpts_px_BK2' in the outputs "
+                       f"(got {sorted(outputs)})")
+    if outputs.get("seg_logits_BCHW") is not None:
+        out["mask_BHW"] = outputs["seg_logits_BCHW"].argmax(dim=1).to(torch.int64)
+    return out
 
 
 def _check_heatmap(heatmap_BKHW: torch.Tensor) -> None:

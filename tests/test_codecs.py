@@ -115,6 +115,13 @@ def test_decode_outputs_contract():
         decode_outputs({"seg_logits_BCHW": logits})
 
 
+def test_decode_outputs_passes_regressed_coordinates_through_and_needs_no_mask():
+    kpts = torch.tensor([[[3.5, 7.25], [100.0, -2.0]]])
+    out = decode_outputs({"kpts_px_BK2": kpts}, method="dark")
+    assert torch.equal(out["kpts_px_BK2"], kpts) and torch.equal(out["kpt_score_BK"], torch.ones(1, 2))
+    assert "mask_BHW" not in out
+
+
 def test_render_rejects_bad_shapes():
     with pytest.raises(ValueError, match="kpts_px_BK2"):
         render_heatmaps_torch(torch.zeros(2, 3), torch.ones(2, dtype=torch.bool), (8, 8), 2.0)

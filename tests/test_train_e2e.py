@@ -9,7 +9,7 @@ import torch
 
 from _dist_utils import REPO, torchrun
 from engine.config import load_config
-from engine.run import train
+from engine.run import resolve_config, train
 
 TINY = [
     "data.synth_n=40", "data.synth_image_hw=[96, 128]", "data.input_hw=[64, 96]", "data.sigma_px=1.5",
@@ -60,7 +60,8 @@ def test_tiny_run_learns_and_writes_report(tmp_path, phantom_root):
     assert len(list((tmp_path / "figures" / "overlays").glob("*.png"))) == 2
     assert result["step"] == 60 and result["best_step"] in (30, 60)
     saved = load_config(tmp_path / "config.yaml")
-    assert saved == cfg
+    assert saved == resolve_config(cfg)  # the saved config is the resolved one (format, best metric filled in)
+    assert saved.data.format == "labelme" and saved.train.best_metric == "alpha_mae_deg"
 
 
 def test_untrained_model_fails_the_bounds(tmp_path, phantom_root):

@@ -1,0 +1,28 @@
+"""Tasks by name (`data.task`): what to measure, draw and write for each clinical problem (engine/tasks/base.py)."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .base import Task
+from .hip_us import HipUltrasoundTask
+
+TASKS: dict[str, type[Task]] = {"hip_us": HipUltrasoundTask}
+
+
+def build_task(name: str, task_args: dict[str, Any] | None = None) -> Task:
+    """A fresh task instance (tasks may learn state from the training split, so never share one)."""
+    from engine.config import ConfigError
+    if name not in TASKS:
+        raise ConfigError(f"data.task: unknown task '{name}' (choose from {sorted(TASKS)})")
+    cls, args = TASKS[name], dict(task_args or {})
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(args) - set(params) - {"self"})
+        if unknown:
+            valid = ", ".join(n for n in params if n != "self") or "none"
+            raise ConfigError(f"eval.task_args: unknown option '{unknown[0]}' for task '{name}' (valid: {valid})")
+    return cls(**args)
+
+
+__all__ = ["TASKS", "Task", "build_task"]

@@ -1,0 +1,94 @@
+"""The task contract: what the engine needs to evaluate, report and predict for one clinical task.
+
+A task is chosen by `data.task` (keys of engine.tasks.TASKS). The engine's generic loop (engine/evaluate.py) runs the
+model, decodes with `task.decoder(cfg)`, maps the predictions back to each sample's original frame and hands them to
+the task's accumulator; `write_figures`, `summary_lines` and `predict_row` / `draw_prediction` turn the results into
+files. Nothing here knows which model produced the outputs beyond the `forward -> dict` contract:
+
+    outputs: {"seg_logits_BCHW"?, "heatmap_BKHW"?, "kpts_px_BK2"? (regression, input-frame px), ...}
+    decoder(outputs) -> {"kpts_px_BK2": input-frame px (required), "kpt_score_BK"?, "kpt_present_BK"? (bool: the
+                         decoder's own presence decision), "mask_BHW"?}
+
+Per sample the accumulator receives `pred` in the ORIGINAL frame:
+    {"kpts_px_K2": float32 (K, 2), "kpt_score_K"?, "kpt_present_K"?, "mask_HW"? (int64, original H x W)}
+and `orig = dataset.original(i)` (truth in the original frame, spacing in mm per original pixel) and the sample meta.
+
+Accumulator contract (sums and counts only, so ranks reduce with all-reduce SUM; engine/metrics.py explains why):
+    update_sample(pred, orig, meta); state() -> {name: float64 tensor}; load_state(state); compute() -> {key: float};
+    records: list of per-image dicts (JSON-able; written to per_image.jsonl and used by write_figures).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+class Task:
+    """Base class of the tasks (plain object; subclasses override what differs)."""
+
+    name: str = ""
+    default_format: str = ""           # data.format used when data.format = "auto"
+    headline: tuple[str, ...] = ()     # report.json top-level keys (always present, null when undefined)
+    best_metric: str = "loss"          # train.best_metric = "auto" resolves to this
+    best_mode: str = "min"
+    shown: tuple[str, ...] = ()        # figures printed on the validation line
+
+    def accumulator(self, cfg, data: dict[str, Any]):
+        raise NotImplementedError(f"task {self.name}: accumulator")
+
+    def decoder(self, cfg) -> Callable[[dict], dict]:
+        """Network outputs -> predictions in the input frame (see module docstring)."""
+        from models import decode_outputs
+        method, sigma, peak = cfg.model.decode, cfg.data.sigma_px, cfg.data.heatmap_peak
+        return lambda outputs: decode_outputs(outputs, method=method, sigma=sigma, peak=peak)
+
+    def write_figures(self, out_dir: Path, figures: dict[str, float], records: list[dict[str, Any]], cfg,
+                      model, dataset, decode: Callable) -> list[Path]:
+        """Task figures (PNG) into out_dir; returns the paths written."""
+        return []
+
+    def summary_lines(self, figures: dict[str, float]) -> list[str]:
+        """The few lines of summary.txt / the console report."""
+        return [f" {k} {_fmt(figures.get(k))}" for k in self.headline]
+
+    def predict_row(self, pred: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+        """One CSV/JSON row of `medpose predict` from original-frame predictions (pred as for the accumulator);
+        item is the reader's load_for_predict dict. Default: landmark coordinates."""
+        row: dict[str, Any] = {}
+        names = item.get("kpt_names") or [f"P{k + 1}" for k in range(len(pred["kpts_px_K2"]))]
+        present = pred.get("kpt_present_K")
+        for k, (x, y) in enumerate(np.asarray(pred["kpts_px_K2"], dtype=float)):
+            ok = present is None or bool(present[k])
+            row[f"{names[k]}_x"] = round(float(x), 2) if ok else None
+            row[f"{names[k]}_y"] = round(float(y), 2) if ok else None
+        return row
+
+    def draw_prediction(self, image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[str, Any] | None,
+                        out_path: Path, title: str = "") -> Path:
+        """The overlay figure of one prediction (truth drawn too when given)."""
+        from engine.plots import plot_overlay
+        mask = pred.get("mask_HW")
+        return plot_overlay(image_HW3, mask, pred["kpts_px_K2"], out_path,
+                            true_mask_HW=None if truth is None else truth.get("mask_HW"),
+                            true_kpts_K2=None if truth is None else truth.get("kpts_px_K2"), title=title,
+                            graf_lines=False)
+
+    # State a task learns from the training split (e.g. spine_disc's mean skeleton); stored in every checkpoint.
+    def fit(self, train_dataset) -> None:
+        """Learn task state from the training split (default: nothing to learn)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def _fmt(v: Any) -> str:
+    import math
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

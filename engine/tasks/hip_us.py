@@ -1,0 +1,90 @@
+"""Hip ultrasound (MultiHipPoseNet, SEEDS.md §1): 7-structure segmentation, 6 landmarks, Graf alpha/beta, screening.
+
+The metrics are engine/metrics.py's MetricAccumulator; this adapter feeds it one original-frame sample at a time and
+turns its records into the figures hip users look at (angle agreement, SDR curve, IoU per structure).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from data_pipelines.labelme import HIP_CLASS_NAMES
+from engine import plots
+from engine.geometry import graf_angles_deg, graf_type
+from engine.metrics import MetricAccumulator
+
+from .base import Task
+
+
+class _HipAccumulator(MetricAccumulator):
+    def update_sample(self, pred: dict[str, Any], orig: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.update(np.asarray(pred["mask_HW"])[None], np.asarray(orig["mask_HW"])[None],
+                    np.asarray(pred["kpts_px_K2"])[None], np.asarray(orig["kpts_px_K2"])[None],
+                    np.asarray(orig["kpts_visible_K"])[None],
+                    np.asarray(orig["spacing_mm_2"], dtype=np.float64)[None], ids=[meta["id"]])
+
+
+class HipUltrasoundTask(Task):
+    name = "hip_us"
+    default_format = "labelme"
+    headline = ("seg_miou", "seg_dice", "landmark_mre_px", "landmark_mre_mm", "alpha_mae_deg", "beta_mae_deg",
+                "screening_accuracy")
+    best_metric = "alpha_mae_deg"
+    best_mode = "min"
+    shown = ("loss", "seg_miou", "landmark_mre_px", "alpha_mae_deg")
+
+    def accumulator(self, cfg, data: dict[str, Any]) -> _HipAccumulator:
+        return _HipAccumulator(num_classes=data["num_classes"], class_names=data["class_names"],
+                               sdr_radii_mm=cfg.eval.sdr_radii_mm, angle_tolerances_deg=cfg.eval.angle_tolerances_deg)
+
+    def write_figures(self, out_dir: Path, figures: dict[str, float], records: list[dict[str, Any]], cfg,
+                      model, dataset, decode: Callable) -> list[Path]:
+        written: list[Path] = []
+        angles = [r for r in records if r.get("alpha_true_deg") is not None and r.get("alpha_pred_deg") is not None]
+        for name in ("alpha", "beta"):
+            t = np.array([r[f"{name}_true_deg"] for r in angles], dtype=float)
+            p = np.array([r[f"{name}_pred_deg"] for r in angles], dtype=float)
+            ok = np.isfinite(t) & np.isfinite(p)
+            if ok.sum() >= 3:
+                written.append(plots.plot_angle_agreement(t[ok], p[ok], out_dir / f"{name}_agreement.png", name=name))
+        dists = [d for r in records for d in (r.get("kpt_err_mm") or []) if d is not None and math.isfinite(d)]
+        if dists:
+            written.append(plots.plot_sdr_curve(np.asarray(dists), out_dir / "sdr_curve.png",
+                                                radii_mm=cfg.eval.sdr_radii_mm))
+        ious = {k[len("seg_iou_"):]: v for k, v in figures.items() if k.startswith("seg_iou_")}
+        if ious:
+            written.append(plots.plot_per_class_bars(ious, out_dir / "iou_per_class.png", ylabel="IoU"))
+        return written
+
+    def summary_lines(self, figures: dict[str, float]) -> list[str]:
+        def f(key, unit="", scale=1.0, digits=3):
+            v = figures.get(key)
+            return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:.{digits}g}{unit}"
+        return [
+            f" segmentation  mIoU (7 structures) {f('seg_miou')}   Dice {f('seg_dice')}   "
+            f"HD95 {f('seg_hd95_mm', ' mm')}",
+            f" landmarks     MRE {f('landmark_mre_px', ' px')} = {f('landmark_mre_mm', ' mm')}",
+            "               " + "   ".join(f"SDR@{k[4:]} {f(k, ' %')}" for k in figures if k.startswith("sdr_")),
+            f" Graf angles   alpha MAE {f('alpha_mae_deg', '°')}   beta MAE {f('beta_mae_deg', '°')}   "
+            f"alpha within 5° {f('alpha_within_5deg', ' %')}",
+            f" screening     type II accuracy {f('screening_accuracy', ' %', 100.0)}   "
+            f"precision {f('screening_precision', ' %', 100.0)}   recall {f('screening_recall', ' %', 100.0)}",
+        ]
+
+    def predict_row(self, pred: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+        kpts = np.asarray(pred["kpts_px_K2"], dtype=np.float64)
+        alpha, beta = (float(a) for a in graf_angles_deg(kpts))
+        row: dict[str, Any] = {"alpha_deg": round(alpha, 2), "beta_deg": round(beta, 2), "graf_type": graf_type(alpha)}
+        for k, (px, py) in enumerate(kpts):
+            row[f"P{k + 1}_x"], row[f"P{k + 1}_y"] = round(float(px), 2), round(float(py), 2)
+        return row
+
+    def draw_prediction(self, image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[str, Any] | None,
+                        out_path: Path, title: str = "") -> Path:
+        return plots.plot_overlay(image_HW3, pred.get("mask_HW"), pred["kpts_px_K2"], out_path,
+                                  true_mask_HW=None if truth is None else truth.get("mask_HW"),
+                                  true_kpts_K2=None if truth is None else truth.get("kpts_px_K2"),
+                                  class_names=HIP_CLASS_NAMES, title=title)
