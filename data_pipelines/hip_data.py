@@ -22,14 +22,15 @@ def ensure_dataset(data_cfg, strategy) -> list[Path]:
     """The labelme files under data.root; rank 0 generates the phantom first when asked and the folder is empty."""
     root = Path(data_cfg.root)
     has_files = root.is_dir() and any(p.name != "dataset.json" for p in root.glob("*.json"))
-    if not has_files:
-        if not data_cfg.synthetic:
-            raise FileNotFoundError(f"data.root: {root} holds no labelme JSON files (and data.synthetic=false)")
-        if strategy.info.is_main:
-            log.info("generating %d phantom images into %s", data_cfg.synth_n, root)
-            generate_hip_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed,
-                                 type2_ratio=data_cfg.synth_type2_ratio, image_hw=tuple(data_cfg.synth_image_hw),
-                                 progress=True)
+    if not has_files and not data_cfg.synthetic:
+        raise FileNotFoundError(f"data.root: {root} holds no labelme JSON files (and data.synthetic=false)")
+    if not has_files and strategy.info.is_main:
+        log.info("generating %d phantom images into %s", data_cfg.synth_n, root)
+        generate_hip_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed,
+                             type2_ratio=data_cfg.synth_type2_ratio, image_hw=tuple(data_cfg.synth_image_hw),
+                             progress=True)
+    if data_cfg.synthetic:
+        # every rank meets here whatever it saw: rank 0 may have written the files before another rank looked
         strategy.barrier()
     return find_labelme_files(root)
 
