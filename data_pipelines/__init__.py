@@ -4,6 +4,15 @@ from data_pipelines.errors import DataError
 from data_pipelines.heatmaps import render_heatmaps, render_heatmaps_numba, render_heatmaps_numpy
 from data_pipelines.hip_data import build_hip_data
 from data_pipelines.hip_data import load_for_predict as load_labelme_for_predict
+from data_pipelines.coco_data import build_coco_data
+from data_pipelines.coco_data import load_for_predict as load_coco_for_predict
+from data_pipelines.coco_export import dataset_to_coco, export_coco
+from data_pipelines.hc18 import build_hc18_data
+from data_pipelines.hc18 import load_for_predict as load_hc18_for_predict
+from data_pipelines.spine_dataset import build_nifti_data
+from data_pipelines.spine_dataset import load_for_predict as load_nifti_for_predict
+from data_pipelines.xray_dataset import build_xray_csv_data
+from data_pipelines.xray_dataset import load_for_predict as load_xray_for_predict
 from data_pipelines.hip_dataset import HipDataset, find_labelme_files
 from data_pipelines.labelme import (HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, LabelmeInfo, LabelmeRecord,
                                     polygon_mask, rasterize_polygons, read_labelme, validate_labelme)
@@ -16,14 +25,17 @@ from data_pipelines.transforms import (AugmentParams, add_speckle_noise, adjust_
                                        warp_points)
 
 # data.format -> builder(data_cfg, run_dir, strategy, seed) -> {"train", "val", "test", ...} (task_data.py contract)
-READERS = {"labelme": build_hip_data}
+READERS = {"labelme": build_hip_data, "xray_csv": build_xray_csv_data, "nifti": build_nifti_data,
+           "hc18": build_hc18_data, "coco": build_coco_data}
 # data.format -> load_for_predict(path, data_cfg) -> one preprocessed input of `medpose predict`
-PREDICT_INPUTS = {"labelme": load_labelme_for_predict}
+PREDICT_INPUTS = {"labelme": load_labelme_for_predict, "xray_csv": load_xray_for_predict,
+                  "nifti": load_nifti_for_predict, "hc18": load_hc18_for_predict, "coco": load_coco_for_predict}
 # data.loader -> the implementation that serves the readers' samples (the torch DataLoader path today)
 LOADERS = {"torch": READERS}
 
 __all__ = [
-    "LOADERS", "READERS", "PREDICT_INPUTS", "build_hip_data",
+    "LOADERS", "READERS", "PREDICT_INPUTS", "build_hip_data", "build_xray_csv_data", "build_nifti_data", "build_hc18_data",
+    "build_coco_data", "dataset_to_coco", "export_coco",
     "Batch", "collate_samples", "DataError",
     "render_heatmaps", "render_heatmaps_numba", "render_heatmaps_numpy",
     "HipDataset", "find_labelme_files",

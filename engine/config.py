@@ -103,14 +103,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw", "sgd"] = "adam"
-    """Optimizer."""
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    """Optimizer (rmsprop: the stacked-hourglass publication's choice)."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
     """Weight decay."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum (rmsprop keeps torch's default of none, as the hourglass publication did)."""
     scheduler: Literal["cosine", "constant", "step"] = "cosine"
     """LR schedule over train.max_steps (after warmup)."""
     warmup_steps: int = 0

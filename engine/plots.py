@@ -37,6 +37,13 @@ _CURVES: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
     ("curve_landmark_error.png", ("landmark_mre_px",), "mean radial error (px)", False),
     ("curve_miou.png", ("seg_miou", "seg_dice"), "score", False),
     ("curve_angles.png", ("alpha_mae_deg", "beta_mae_deg"), "angle MAE (deg)", False),
+    # the other tasks' headline figures (hip X-ray, spine discs, fetal head)
+    ("curve_ai_error.png", ("ai_mae_deg", "ai_mae_left_deg", "ai_mae_right_deg"), "acetabular index MAE (deg)",
+     False),
+    ("curve_ihdi.png", ("ihdi_accuracy",), "IHDI grade accuracy", False),
+    ("curve_disc_error.png", ("dtt_mm",), "distance to target (mm)", False),
+    ("curve_disc_rates.png", ("fnr_pct", "fpr_pct"), "rate (%)", False),
+    ("curve_head_circumference.png", ("hc_mae_mm", "hc_from_landmarks_mae_mm"), "HC MAE (mm)", False),
 )
 
 

@@ -44,6 +44,7 @@ def predict_files(checkpoint: str | Path, inputs: list[Path], out_dir: Path,
         image = torch.as_tensor(np.asarray(item["input_CHW"]), dtype=torch.float32)[None].to(device)
         outputs, preds = predict_batch(model, image, decode, contextlib.nullcontext)
         pred = sample_prediction(outputs, preds, 0, item["to_input_3x3"], item["image_HW3"].shape[:2])
+        pred["spacing_mm_2"] = np.asarray(item["spacing_mm_2"], dtype=np.float64)
         overlay = task.draw_prediction(item["image_HW3"], pred, item.get("truth"),
                                        out_dir / f"{_safe_name(path)}_overlay.png", title=path.name)
         rows.append({"input": str(path), **task.predict_row(pred, item), "overlay": str(overlay)})

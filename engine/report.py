@@ -47,6 +47,7 @@ def write_overlays(task, model: torch.nn.Module, dataset, decode: Callable, out_
         orig = dataset.original(meta["index"])
         orig_hw = tuple(meta.get("orig_hw") or np.asarray(orig["image_HW3"]).shape[:2])
         pred = sample_prediction(outputs, preds, 0, meta["to_input_3x3"], orig_hw)
+        pred["spacing_mm_2"] = np.asarray(orig["spacing_mm_2"], dtype=np.float64)
         paths.append(task.draw_prediction(orig["image_HW3"], pred, orig, out_dir / f"overlay_{meta['id']}.png",
                                           title=str(meta["id"])))
     return paths

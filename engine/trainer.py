@@ -201,7 +201,8 @@ class Trainer:
             self.save(self.ckpt_dir / "best.pt", make_latest=False)
         shown = dict.fromkeys((*self.shown, key))  # ordered, no repeats
         logger.write(f"[val @ step {self.step}] " + ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-                     + f" (best {key}={self.best_value:.4g} @ {self.best_step})")
+                     + (f" (best {key}={self.best_value:.4g} @ {self.best_step})" if self.best_value is not None
+                        else f" (no finite {key} yet)"))
         return metrics
 
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
@@ -262,6 +263,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
     if oc.name == "adamw":
         return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    if oc.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=oc.lr, weight_decay=oc.weight_decay)
     return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
 
 

@@ -20,6 +20,10 @@ EPILOG = """examples:
   medpose eval --checkpoint runs/hip_demo/checkpoints/best.pt
   medpose predict --checkpoint runs/hip_demo/checkpoints/best.pt img1.png scan.json --out preds/
   medpose data synth-hip --out data/phantom -n 100
+  medpose train --config xray_demo        hip X-ray keypoints (EfficientNet-V2 regression) on a synthetic pelvis set
+  medpose train --config spine_demo       stacked hourglass disc labelling on synthetic sagittal MRI (NIfTI)
+  medpose train --config hc18_unet        fetal-head segmentation + HC on ../shared/data/hc18 (real HC18 subset)
+  medpose data to-coco --config xray_demo --out data/xray_coco   any dataset as COCO keypoints (data.format=coco)
 """
 
 
@@ -58,21 +62,37 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (default: <checkpoint dir>/../eval_<split>)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
-    p = sub.add_parser("predict", help="predict masks, landmarks and Graf angles for images",
-                       description="Writes an overlay PNG per input and predictions.csv (landmarks in original "
-                                   "pixels, alpha/beta, Graf type).")
+    p = sub.add_parser("predict", help="predict landmarks (and masks, angles, grades, HC) for input files",
+                       description="Reads each input with the checkpoint's data format (image, labelme JSON, X-ray "
+                                   "CSV, NIfTI volume), writes an overlay PNG per input and predictions.csv / "
+                                   "predictions.json: landmarks in original pixels plus the task's clinical "
+                                   "measures (hip US: alpha/beta, Graf type; hip X-ray: acetabular index, IHDI grade; "
+                                   "spine: disc positions; fetal head: HC in mm).")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", help="image files (PNG/JPEG) or labelme JSON files")
+    p.add_argument("inputs", nargs="+", help="input files in the checkpoint's data format (images, labelme JSON, "
+                                             "X-ray CSV annotations, NIfTI volumes)")
     p.add_argument("--out", required=True, help="output directory")
 
-    d = sub.add_parser("data", help="dataset utilities")
+    d = sub.add_parser("data", help="dataset utilities: synthetic sets for every task, conversion to COCO")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="WHAT")
-    s = dsub.add_parser("synth-hip", help="generate the synthetic hip-ultrasound phantom (labelme JSON + PNG)")
-    s.add_argument("--out", required=True)
-    s.add_argument("-n", type=int, default=240, help="number of images (default 240)")
-    s.add_argument("--seed", type=int, default=0)
+    s = dsub.add_parser("synth-hip", help="synthetic hip-ultrasound phantom (labelme JSON + PNG)")
     s.add_argument("--type2-ratio", type=float, default=0.35, help="fraction of Graf type II hips")
     s.add_argument("--english-labels", action="store_true", help="English label names instead of the published ones")
+    x = dsub.add_parser("synth-xray", help="synthetic AP pelvis X-rays (published CSV layout, 12 landmarks)")
+    x.add_argument("--splits", action="store_true", help="write train/val/test folders (70/15/15) instead of one")
+    dsub.add_parser("synth-spine", help="synthetic sagittal spine MRI volumes (NIfTI) with disc point labels")
+    dsub.add_parser("synth-hc18", help="synthetic fetal-head ultrasound in the HC18 layout")
+    for q, n in ((s, 240), (x, 200), (dsub.choices["synth-spine"], 60), (dsub.choices["synth-hc18"], 200)):
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("-n", type=int, default=n, help=f"number of images / subjects (default {n})")
+        q.add_argument("--seed", type=int, default=0)
+    c = dsub.add_parser("to-coco", help="write a run config's dataset split as a COCO-keypoints JSON (+ images)",
+                        description="Reads the dataset of --config with its own reader and writes COCO keypoints "
+                                    "(the exchange format of pose tools); train on it with data.format=coco.")
+    c.add_argument("--config", "-c", required=True, help="YAML file or bundled config name")
+    c.add_argument("--split", default="train", choices=["train", "val", "test"])
+    c.add_argument("--out", required=True, help="output folder (annotations.json + images/)")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     m = sub.add_parser("demo", help="the main job: phantom data → train MultiHipPoseNet → held-out report",
                        description="Generates the phantom, trains with launch/configs/hip_demo.yaml and writes "
@@ -114,10 +134,42 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from data_pipelines.synth_hip import generate_hip_dataset
-    paths = generate_hip_dataset(args.out, args.n, seed=args.seed, type2_ratio=args.type2_ratio,
-                                 english_labels=args.english_labels, progress=True)
-    print(f"wrote {len(paths)} labelme files to {args.out}")
+    out = Path(args.out)
+    if args.data_command == "synth-hip":
+        from data_pipelines.synth_hip import generate_hip_dataset
+        paths = generate_hip_dataset(out, args.n, seed=args.seed, type2_ratio=args.type2_ratio,
+                                     english_labels=args.english_labels, progress=True)
+    elif args.data_command == "synth-xray":
+        from data_pipelines.synth_xray import generate_xray_dataset
+        paths = generate_xray_dataset(out, args.n, seed=args.seed, split_fracs=(0.7, 0.15, 0.15) if args.splits
+                                      else None, progress=True)
+    elif args.data_command == "synth-spine":
+        from data_pipelines.synth_spine import generate_spine_dataset
+        paths = generate_spine_dataset(out, args.n, seed=args.seed, progress=True)
+    elif args.data_command == "synth-hc18":
+        from data_pipelines.synth_hc18 import generate_hc18_dataset
+        generate_hc18_dataset(out, args.n, seed=args.seed, progress=True)
+        paths = sorted((out / "images").glob("*.png"))
+    else:
+        return _to_coco(args)
+    print(f"wrote {len(paths)} samples to {out}")
+    return 0
+
+
+def _to_coco(args) -> int:
+    import types
+
+    from data_pipelines.coco_export import dataset_to_coco
+    from engine.config import load_config
+    from engine.run import build_data, resolve_config
+    cfg = resolve_config(load_config(resolve_config_path(args.config), args.overrides))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    single = types.SimpleNamespace(info=types.SimpleNamespace(is_main=True, rank=0, world_size=1),
+                                   barrier=lambda: None)
+    data = build_data(cfg, out, single)
+    path = dataset_to_coco(data[args.split], out / "annotations.json", out / "images", category_name=cfg.data.task)
+    print(f"wrote {len(data[args.split])} samples of the {args.split} split to {path}")
     return 0
 
 
@@ -141,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     # torch-geometric's import calls torch.jit.script, which torch >= 2.10 deprecates: noise for every command
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from engine.config import ConfigError
-    from data_pipelines.errors import DataError
+    from data_pipelines.errors import DataError, OptionError
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "data": _cmd_data,
                 "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OptionError, FileNotFoundError) as e:
         print(f"medpose {args.command}: error: {e}", file=sys.stderr)
         return 2
 

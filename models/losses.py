@@ -6,7 +6,7 @@ All losses are computed in float32 whatever the autocast dtype of the outputs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -195,13 +195,3 @@ def _get(d: dict, key: str, what: str) -> torch.Tensor:
     if key not in d or d[key] is None:
         raise KeyError(f"{WHERE}: '{key}' missing from the {what} (got {sorted(d)})")
     return d[key]
-
-
-CRITERIA: dict[str, Callable[..., nn.Module]] = {"multihipposenet": MultiHipPoseCriterion}
-
-
-def build_criterion(name: str = "multihipposenet", **kwargs) -> nn.Module:
-    """The loss module of model `name` (keys of CRITERIA), built from plain config values."""
-    if name not in CRITERIA:
-        raise KeyError(f"{WHERE}: no criterion for model '{name}' (choose from {sorted(CRITERIA)})")
-    return CRITERIA[name](**kwargs)

@@ -67,7 +67,8 @@ class Task:
 
     def draw_prediction(self, image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[str, Any] | None,
                         out_path: Path, title: str = "") -> Path:
-        """The overlay figure of one prediction (truth drawn too when given)."""
+        """The overlay figure of one prediction (truth drawn too when given); pred may carry "spacing_mm_2" (mm per
+        original pixel) for measurements in mm."""
         from engine.plots import plot_overlay
         mask = pred.get("mask_HW")
         return plot_overlay(image_HW3, mask, pred["kpts_px_K2"], out_path,

@@ -1,0 +1,31 @@
+"""The model and loss registries (DESIGN.md: plain dicts, chosen by name from the config; no decorators).
+
+model.name -> builder(**model.args) -> nn.Module; model.criterion (default: model.name) -> loss class(**criterion_args).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .efficientnet_kpt import MODELS_KPT
+from .hourglass import CRITERIA_HG, MODELS_HG
+from .losses import MultiHipPoseCriterion
+from .losses_kpt import CRITERIA_KPT
+from .multihipposenet import build_multihipposenet
+from .unet import MODELS_UNET
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"multihipposenet": build_multihipposenet, **MODELS_KPT, **MODELS_HG,
+                                               **MODELS_UNET}
+
+# The UNet multi-task model trains with MultiHipPoseNet's loss (focal + Dice segmentation, weighted heatmap MSE).
+CRITERIA: dict[str, Callable[..., nn.Module]] = {"multihipposenet": MultiHipPoseCriterion,
+                                                 "unet_multitask": MultiHipPoseCriterion, **CRITERIA_KPT,
+                                                 **CRITERIA_HG}
+
+
+def build_criterion(name: str = "multihipposenet", **kwargs) -> nn.Module:
+    """The loss module registered under `name` (keys of CRITERIA), built from plain config values."""
+    if name not in CRITERIA:
+        raise KeyError(f"models/registry.py: no criterion named '{name}' (choose from {sorted(CRITERIA)})")
+    return CRITERIA[name](**kwargs)
