@@ -112,7 +112,33 @@ def _to_numpy(x: Any, name: str, dtype=None) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------------------------------- accumulator
-class MetricAccumulator:
+class SummedState:
+    """Sums and counts that ranks combine with all-reduce SUM: subclasses fill `self._state` (name -> float64
+    tensor) in __init__ and set `where` (the file named in errors)."""
+
+    where = _WHERE
+    _state: dict[str, torch.Tensor]
+
+    def state(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Copies of every sum/count (float64), to be all-reduced with SUM; `device` for NCCL (GPU tensors)."""
+        return {k: v.clone() if device is None else v.to(device, copy=True) for k, v in self._state.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the sums with reduced ones; keys and shapes must match this accumulator's configuration."""
+        if set(state) != set(self._state):
+            raise ValueError(f"{self.where}: load_state keys differ: missing "
+                             f"{sorted(set(self._state) - set(state))}, unexpected {sorted(set(state) - set(self._state))}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(self._state[k].shape):
+                raise ValueError(f"{self.where}: load_state: {k} has shape {tuple(v.shape)}, expected "
+                                 f"{tuple(self._state[k].shape)} (accumulators configured differently?)")
+            self._state[k] = torch.as_tensor(v).detach().to("cpu", torch.float64).clone()
+
+    def _add(self, key: str, value: Any) -> None:
+        self._state[key] += torch.as_tensor(np.asarray(value, dtype=np.float64))
+
+
+class MetricAccumulator(SummedState):
     """One object per evaluation: `update` per batch, all-reduce `state()` (SUM), `load_state`, `compute`."""
 
     def __init__(self, num_classes: int = 8, class_names: Sequence[str] | None = None,
@@ -144,25 +170,6 @@ class MetricAccumulator:
             "angle_moments_2x5": (2, 5), "screening_tp_fp_fn_tn_4": (4,), "num_images_1": (1,),
         }
         self._state = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
-
-    # -------------------------------------------------------------------------------------------- cross-rank state
-    def state(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Copies of every sum/count (float64), to be all-reduced with SUM; `device` for NCCL (GPU tensors)."""
-        return {k: v.clone() if device is None else v.to(device, copy=True) for k, v in self._state.items()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the sums with reduced ones; keys and shapes must match this accumulator's configuration."""
-        if set(state) != set(self._state):
-            raise ValueError(f"{_WHERE}: load_state keys differ: missing {sorted(set(self._state) - set(state))}, "
-                             f"unexpected {sorted(set(state) - set(self._state))}")
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(self._state[k].shape):
-                raise ValueError(f"{_WHERE}: load_state: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(self._state[k].shape)} (accumulators configured differently?)")
-            self._state[k] = torch.as_tensor(v).detach().to("cpu", torch.float64).clone()
-
-    def _add(self, key: str, value: Any) -> None:
-        self._state[key] += torch.as_tensor(np.asarray(value, dtype=np.float64))
 
     # ------------------------------------------------------------------------------------------------------ update
     def update(self, pred_mask_BHW, true_mask_BHW, pred_kpts_BK2, true_kpts_BK2, visible_BK, spacing_mm_B2,

@@ -19,13 +19,14 @@ Accumulator contract (sums and counts only, so ranks reduce with all-reduce SUM;
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 
-class Task:
+class Task(abc.ABC):
     """Base class of the tasks (plain object; subclasses override what differs)."""
 
     name: str = ""
@@ -35,8 +36,9 @@ class Task:
     best_mode: str = "min"
     shown: tuple[str, ...] = ()        # figures printed on the validation line
 
+    @abc.abstractmethod
     def accumulator(self, cfg, data: dict[str, Any]):
-        raise NotImplementedError(f"task {self.name}: accumulator")
+        """A fresh accumulator for one evaluation pass (contract in the module docstring)."""
 
     def decoder(self, cfg) -> Callable[[dict], dict]:
         """Network outputs -> predictions in the input frame (see module docstring)."""

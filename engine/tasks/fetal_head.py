@@ -26,6 +26,8 @@ from data_pipelines.hc18 import HC18_KPT_NAMES
 from engine import ellipse as ell
 from engine.plots import _save
 
+from engine.metrics import SummedState
+
 from .base import Task
 
 _WHERE = "engine/tasks/fetal_head.py"
@@ -39,8 +41,9 @@ def _hc_errors(pred_mm: float, ref_mm: float) -> tuple[float, bool]:
     return (0.0 if failed else pred_mm) - ref_mm, failed
 
 
-class FetalHeadAccumulator:
+class FetalHeadAccumulator(SummedState):
     """update_sample / state / load_state / compute / records (engine/tasks/base.py)."""
+    where = _WHERE
 
     def __init__(self, num_keypoints: int = 4, fit_method: str = "moments", keep_records: bool = True):
         self.num_keypoints, self.fit_method, self.keep_records = int(num_keypoints), fit_method, keep_records
@@ -51,20 +54,7 @@ class FetalHeadAccumulator:
         self.records: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------------------------------------- cross-rank
-    def state(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        return {k: v.clone() if device is None else v.to(device, copy=True) for k, v in self._state.items()}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self._state):
-            raise ValueError(f"{_WHERE}: load_state keys differ: {sorted(set(state) ^ set(self._state))}")
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(self._state[k].shape):
-                raise ValueError(f"{_WHERE}: load_state: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(self._state[k].shape)}")
-            self._state[k] = torch.as_tensor(v).detach().to("cpu", torch.float64).clone()
-
-    def _add(self, key: str, value: Any) -> None:
-        self._state[key] += torch.as_tensor(np.asarray(value, dtype=np.float64))
 
     # -------------------------------------------------------------------------------------------------- update
     def _add_hc(self, key: str, pred_mm: float, ref_mm: float) -> float:

@@ -25,7 +25,7 @@ import torch
 
 from engine import plots_xray
 from engine.geometry_xray import (NUM_XRAY_LANDMARKS, XRAY_KPT_NAMES, acetabular_index_deg, ihdi_grades, roman)
-from engine.metrics import pearson_r_from_sums
+from engine.metrics import SummedState, pearson_r_from_sums
 
 from .base import Task
 
@@ -47,8 +47,9 @@ def _np(x: Any, dtype=np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-class HipXrayAccumulator:
+class HipXrayAccumulator(SummedState):
     """update_sample per image; state()/load_state() for the cross-rank SUM; compute(); records."""
+    where = _WHERE
 
     def __init__(self, kpt_names: Sequence[str] | None = None, keep_records: bool = True):
         self.kpt_names = list(kpt_names or XRAY_KPT_NAMES)
@@ -64,18 +65,6 @@ class HipXrayAccumulator:
         self._state = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
 
     # ---------------------------------------------------------------------------------------------- cross-rank
-    def state(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        return {k: v.clone() if device is None else v.to(device, copy=True) for k, v in self._state.items()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self._state):
-            raise ValueError(f"{_WHERE}: load_state keys differ: missing {sorted(set(self._state) - set(state))}, "
-                             f"unexpected {sorted(set(state) - set(self._state))}")
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(self._state[k].shape):
-                raise ValueError(f"{_WHERE}: load_state: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(self._state[k].shape)}")
-            self._state[k] = torch.as_tensor(v).detach().to("cpu", torch.float64).clone()
 
     # -------------------------------------------------------------------------------------------------- update
     def update_sample(self, pred: dict[str, Any], orig: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -28,6 +28,8 @@ import torch
 
 from engine import plots_spine
 
+from engine.metrics import SummedState
+
 from .base import Task
 
 _WHERE = "engine/tasks/spine_disc.py"
@@ -43,8 +45,9 @@ def _list(values: np.ndarray, ok: np.ndarray) -> list:
     return [np.asarray(values[k]).tolist() if ok[k] else None for k in range(len(ok))]
 
 
-class SpineDiscAccumulator:
+class SpineDiscAccumulator(SummedState):
     """Per-sample update in the original frame; `state()` sums (all-reduce SUM), `compute()` the figures."""
+    where = _WHERE
 
     def __init__(self, num_keypoints: int = 11, fn_si_mm: float = 7.0, fp_si_mm: float = 10.0,
                  pck_thr: float = 0.5, pck_width_div: float = 10.0, keep_records: bool = True):
@@ -61,18 +64,6 @@ class SpineDiscAccumulator:
         self._state = {k: torch.zeros(n, dtype=torch.float64) for k, n in shapes.items()}
 
     # -------------------------------------------------------------------------------------------- cross-rank state
-    def state(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        return {k: v.clone() if device is None else v.to(device, copy=True) for k, v in self._state.items()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self._state):
-            raise ValueError(f"{_WHERE}: load_state keys differ: missing {sorted(set(self._state) - set(state))}, "
-                             f"unexpected {sorted(set(state) - set(self._state))}")
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(self._state[k].shape):
-                raise ValueError(f"{_WHERE}: load_state: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(self._state[k].shape)}")
-            self._state[k] = torch.as_tensor(v).detach().to("cpu", torch.float64).clone()
 
     # ------------------------------------------------------------------------------------------------------ update
     def _inputs(self, pred: dict[str, Any], orig: dict[str, Any]):
@@ -115,7 +106,7 @@ class SpineDiscAccumulator:
         err_mm = np.where(matched, np.hypot(d[:, 0] * sx, d[:, 1] * sy), np.nan)
         err_px = np.where(matched, np.hypot(d[:, 0], d[:, 1]), np.nan)
         hit = matched & (err_px / (width_px / self.pck_width_div) < self.pck_thr)
-        self._add(vis=vis, pres=pres, dtt=dtt, fn=fn, fp=fp, matched=matched, err_mm=err_mm, err_px=err_px, hit=hit)
+        self._add_sample(vis=vis, pres=pres, dtt=dtt, fn=fn, fp=fp, matched=matched, err_mm=err_mm, err_px=err_px, hit=hit)
         if self.keep_records:
             self.records.append({
                 "id": meta.get("id"), "orig_hw": [int(hw[0]), int(hw[1])], "spacing_mm": [float(sx), float(sy)],
@@ -124,7 +115,7 @@ class SpineDiscAccumulator:
                 "fp": [bool(fp[k]) if pres[k] else None for k in range(K)], "num_true": int(vis.sum()),
                 "num_pred": int(pres.sum()), "num_fn": int(fn.sum()), "num_fp": int(fp.sum())})
 
-    def _add(self, vis, pres, dtt, fn, fp, matched, err_mm, err_px, hit) -> None:
+    def _add_sample(self, vis, pres, dtt, fn, fp, matched, err_mm, err_px, hit) -> None:
         s = self._state
         for key, value in (("true_K", vis), ("fn_K", fn), ("dtt_mm_sum_K", np.nan_to_num(dtt)),
                            ("dtt_count_K", np.isfinite(dtt)), ("pred_K", pres), ("fp_K", fp),
