@@ -30,7 +30,6 @@ evaluation ignores: they are checked for ids and references and otherwise left o
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -44,9 +43,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data_pipelines.errors import DataError, OptionError
+from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import render_heatmaps
-from data_pipelines.labelme import rasterize_polygons
+from data_pipelines.labelme import load_json_object, rasterize_polygons
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
                                        warp_points)
@@ -170,18 +169,7 @@ def _duplicates(items: list, key: str, kind: str) -> dict[int, str]:
 
 
 def _load_doc(json_path: Path) -> dict[str, Any]:
-    try:
-        text = json_path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise DataError(json_path, f"cannot read the file ({exc.strerror or exc})")
-    except UnicodeDecodeError as exc:
-        raise DataError(json_path, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(json_path, f"not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
-    if not isinstance(doc, dict):
-        raise DataError(json_path, f"not a COCO file: the top level is a {type(doc).__name__}, not an object")
+    doc = load_json_object(json_path, "COCO file")
     for key in _TOP_KEYS:
         if key not in doc:
             raise DataError(json_path, f"missing top-level key '{key}'")
@@ -668,14 +656,8 @@ class CocoDataset(Dataset):
         return out
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
-        try:
-            return self._load(i, epoch)
-        except DataError:
-            raise
-        except Exception as exc:      # name the file and entry whatever went wrong, also inside a DataLoader worker
-            raise DataError(self.index.json_path, f"{self.samples[i].entry}: failed to load "
-                            f"({type(exc).__name__}: {exc})") from exc
+        i, epoch = index_and_epoch(index, self.epoch)
+        return naming_file(self.index.json_path, self._load, i, epoch, prefix=f"{self.samples[i].entry}: ")
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
         s = self.samples[i]

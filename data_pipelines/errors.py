@@ -36,3 +36,19 @@ class DataError(ValueError):
 
 class OptionError(ValueError):
     """A reader option (`data.reader_args`) that is unknown or has a bad value; the message names the option."""
+
+
+def naming_file(path: str | os.PathLike, load, *args, prefix: str = ""):
+    """`load(*args)`, with any failure other than a DataError re-raised as DataError(path, ...): the file is named
+    whatever went wrong, also inside a DataLoader worker (where a bare traceback would hide which sample it was)."""
+    try:
+        return load(*args)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(path, f"{prefix}failed to load ({type(exc).__name__}: {exc})") from exc
+
+
+def index_and_epoch(index: int | tuple[int, int], epoch: int) -> tuple[int, int]:
+    """A Dataset index: `i` (the dataset's current epoch) or `(i, epoch)` (persistent workers)."""
+    return (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), int(epoch))

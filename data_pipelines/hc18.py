@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from data_pipelines import task_data
-from data_pipelines.errors import DataError
+from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import render_heatmaps
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
@@ -294,13 +294,8 @@ class HC18Dataset(Dataset):
                 "exam_id": rec.exam_id, "ellipse": dict(rec.ellipse), "image": str(rec.image_path)}
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
-        try:
-            return self._load(i, epoch)
-        except DataError:
-            raise
-        except Exception as exc:      # name the file whatever went wrong, also inside a DataLoader worker
-            raise DataError(self.records[i].image_path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+        i, epoch = index_and_epoch(index, self.epoch)
+        return naming_file(self.records[i].image_path, self._load, i, epoch)
 
     def _matrix(self, i: int, epoch: int, orig_hw: tuple[int, int], image: np.ndarray):
         """(M, image after intensity augmentation, scale of M, flipped)."""

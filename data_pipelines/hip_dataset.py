@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_pipelines.errors import DataError
+from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import render_heatmaps
 from data_pipelines.labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
@@ -201,26 +201,15 @@ class HipDataset(Dataset):
         """Sample i in its original frame, for evaluation at original resolution: image_HW3 (uint8), mask_HW,
         kpts_px_K2, kpts_visible_K, spacing_mm_2 (mm per original pixel), id, json."""
         path = self.json_paths[i]
-        try:
-            dec = self._cache[i] if self._cache is not None else self._decode(path)
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+        dec = self._cache[i] if self._cache is not None else naming_file(path, self._decode, path)
         image = dec.image_CHW.transpose(1, 2, 0)
         return {"image_HW3": np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image, "mask_HW": dec.mask_HW,
                 "kpts_px_K2": dec.kpts_px_K2, "kpts_visible_K": dec.kpts_visible_K,
                 "spacing_mm_2": self._info[i]["spacing_mm"].copy(), "id": self._info[i]["id"], "json": str(path)}
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
-        path = self.json_paths[i]
-        try:
-            return self._load(i, epoch)
-        except DataError:
-            raise
-        except Exception as exc:      # name the file whatever went wrong, also inside a DataLoader worker
-            raise DataError(path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+        i, epoch = index_and_epoch(index, self.epoch)
+        return naming_file(self.json_paths[i], self._load, i, epoch)
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
         dec = self._cache[i] if self._cache is not None else self._decode(self.json_paths[i])

@@ -140,7 +140,9 @@ def rasterize_polygons(polygons: list[tuple[int, np.ndarray]], hw: tuple[int, in
 # JSON parsing (shared by read_labelme and validate_labelme)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _load_json(json_path: Path) -> dict[str, Any]:
+def load_json_object(json_path: Path, kind: str) -> dict[str, Any]:
+    """A JSON file whose top level is an object; unreadable bytes, bad UTF-8, invalid JSON or another top level
+    raise a DataError naming the file (`kind` names the format in the last case, e.g. "labelme JSON")."""
     try:
         text = json_path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
@@ -152,7 +154,12 @@ def _load_json(json_path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise DataError(json_path, f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
     if not isinstance(doc, dict):
-        raise DataError(json_path, f"invalid labelme JSON: top level is a {type(doc).__name__}, not an object")
+        raise DataError(json_path, f"invalid {kind}: top level is a {type(doc).__name__}, not an object")
+    return doc
+
+
+def _load_json(json_path: Path) -> dict[str, Any]:
+    doc = load_json_object(json_path, "labelme JSON")
     for key in ("shapes", "imageHeight", "imageWidth"):
         if key not in doc:
             raise DataError(json_path, f"missing key '{key}'")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DataError, OptionError
+from .errors import DataError, OptionError, index_and_epoch, naming_file
 from .heatmaps import render_heatmaps
 from .nifti import OUT_OF_RANGE_MODES, SagittalSample, display_uint8, load_sagittal, zscore
 from .synth_spine import generate_spine_dataset
@@ -184,13 +184,8 @@ class SpineDataset(Dataset):
                 "labels": s.label_path, "lateral_mm_K": s.lateral_mm_K.copy(), "slab_range": s.slab_range}
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
-        try:
-            return self._load(i, epoch)
-        except DataError:
-            raise
-        except Exception as exc:      # name the file whatever went wrong, also inside a DataLoader worker
-            raise DataError(self.image_paths[i], f"failed to load ({type(exc).__name__}: {exc})") from exc
+        i, epoch = index_and_epoch(index, self.epoch)
+        return naming_file(self.image_paths[i], self._load, i, epoch)
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
         s = self._sample(i)

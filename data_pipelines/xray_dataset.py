@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_pipelines.errors import DataError, OptionError
+from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import render_heatmaps
 from data_pipelines.synth_xray import generate_xray_dataset
 from data_pipelines.task_data import augment_params, reader_options, record_splits, splits_of
@@ -234,24 +234,14 @@ class XrayDataset(Dataset):
         """Sample i in its original frame: image_HW3 (uint8, not equalised), kpts_px_K2, kpts_visible_K (all
         True), spacing_mm_2 (mm per original pixel), id, csv, image."""
         rec = self.records[i]
-        try:
-            grey = self._grey(i)
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(rec.image_path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+        grey = naming_file(rec.image_path, self._grey, i)
         return {"image_HW3": np.repeat(grey[:, :, None], 3, axis=2), "kpts_px_K2": rec.kpts_px_K2.copy(),
                 "kpts_visible_K": np.ones(len(rec.kpts_px_K2), dtype=bool), "spacing_mm_2": self._spacing[i].copy(),
                 "id": rec.name, "csv": str(rec.csv_path), "image": str(rec.image_path)}
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        i, epoch = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (int(index), self.epoch)
-        try:
-            return self._load(i, epoch)
-        except DataError:
-            raise
-        except Exception as exc:      # name the file whatever went wrong, also inside a DataLoader worker
-            raise DataError(self.records[i].csv_path, f"failed to load ({type(exc).__name__}: {exc})") from exc
+        i, epoch = index_and_epoch(index, self.epoch)
+        return naming_file(self.records[i].csv_path, self._load, i, epoch)
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
         rec = self.records[i]

@@ -180,7 +180,7 @@ def test_bad_input_names_the_json_file_and_the_entry(tmp_path, case):
 def test_not_json_and_unreadable_image(tmp_path):
     path = tmp_path / "annotations.json"
     path.write_text('{"images": [', encoding="utf-8")
-    with pytest.raises(DataError, match=r"annotations\.json: not JSON"):
+    with pytest.raises(DataError, match=r"annotations\.json: invalid JSON"):
         read_coco(path)
     path = _write(tmp_path, _doc())
     (tmp_path / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)

@@ -20,6 +20,7 @@ Accumulator contract (sums and counts only, so ranks reduce with all-reduce SUM;
 from __future__ import annotations
 
 import abc
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,7 +92,16 @@ class Task(abc.ABC):
 
 
 def _fmt(v: Any) -> str:
-    import math
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def figure_formatter(figures: dict[str, float], digits: int = 3) -> Callable[..., str]:
+    """f(key, unit="", scale=1.0, digits=...) for summary lines: "n/a" for a missing or non-finite figure."""
+    default_digits = digits
+
+    def f(key: str, unit: str = "", scale: float = 1.0, digits: int = default_digits) -> str:
+        v = figures.get(key)
+        return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:.{digits}g}{unit}"
+    return f

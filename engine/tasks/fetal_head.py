@@ -28,7 +28,7 @@ from engine.plots import _save
 
 from engine.metrics import SummedState
 
-from .base import Task
+from .base import Task, figure_formatter
 
 _WHERE = "engine/tasks/fetal_head.py"
 # HC error sums: abs, signed, squared signed, count, failures (mask) / the same from landmarks
@@ -292,9 +292,7 @@ class FetalHeadTask(Task):
         return written
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
-        def f(key: str, unit: str = "", digits: int = 4) -> str:
-            v = figures.get(key)
-            return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}g}{unit}"
+        f = figure_formatter(figures, digits=4)
         return [
             f" segmentation  head Dice {f('seg_dice')}",
             f" HC (mask)     MAE {f('hc_mae_mm', ' mm')}  bias {f('hc_bias_mm', ' mm')}  SD {f('hc_sd_mm', ' mm')}"

@@ -16,7 +16,7 @@ from engine import plots
 from engine.geometry import graf_angles_deg, graf_type
 from engine.metrics import MetricAccumulator
 
-from .base import Task
+from .base import Task, figure_formatter
 
 
 class _HipAccumulator(MetricAccumulator):
@@ -60,9 +60,7 @@ class HipUltrasoundTask(Task):
         return written
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
-        def f(key, unit="", scale=1.0, digits=3):
-            v = figures.get(key)
-            return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:.{digits}g}{unit}"
+        f = figure_formatter(figures)
         return [
             f" segmentation  mIoU (7 structures) {f('seg_miou')}   Dice {f('seg_dice')}   "
             f"HD95 {f('seg_hd95_mm', ' mm')}",

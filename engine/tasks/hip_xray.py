@@ -27,7 +27,7 @@ from engine import plots_xray
 from engine.geometry_xray import (NUM_XRAY_LANDMARKS, XRAY_KPT_NAMES, acetabular_index_deg, ihdi_grades, roman)
 from engine.metrics import SummedState, pearson_r_from_sums
 
-from .base import Task
+from .base import Task, figure_formatter
 
 _WHERE = "engine/tasks/hip_xray.py"
 _AI_SHIFT_DEG = 20.0  # Pearson moments of (AI - 20): typical AI values, so the sums cancel less (r is shift-free)
@@ -277,9 +277,7 @@ class HipXrayTask(Task):
         return written
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
-        def f(key, unit="", scale=1.0, digits=3):
-            v = figures.get(key)
-            return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:.{digits}g}{unit}"
+        f = figure_formatter(figures)
         return [
             f" landmarks     MRE {f('landmark_mre_px', ' px')} = {f('landmark_mre_pct_diag', ' %')} of the diagonal"
             f" = {f('landmark_mre_mm', ' mm')}",

@@ -19,7 +19,6 @@ The accumulator holds sums and counts only (engine/metrics.py: ranks all-reduce 
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,7 +29,7 @@ from engine import plots_spine
 
 from engine.metrics import SummedState
 
-from .base import Task
+from .base import Task, figure_formatter
 
 _WHERE = "engine/tasks/spine_disc.py"
 OVERLAY_GRID_COUNT = 6
@@ -224,9 +223,7 @@ class SpineDiscTask(Task):
         return written
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
-        def f(key, unit="", digits=3):
-            v = figures.get(key)
-            return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}g}{unit}"
+        f = figure_formatter(figures)
         return [f" discs     DTT {f('dtt_mm', ' mm')}   FNR {f('fnr_pct', ' %')}   FPR {f('fpr_pct', ' %')}   "
                 f"PCK {f('pck')}",
                 f" matched   MRE {f('landmark_mre_mm', ' mm')} = {f('landmark_mre_px', ' px')}   "
