@@ -210,3 +210,12 @@ def test_decoder_and_prior_when_the_skeleton_module_exists(tmp_path):
     assert present[vis].all() and not present[~vis].any()
     err = np.abs(np.asarray(out["kpts_px_BK2"][0])[vis] - sample["kpts_px_K2"].numpy()[vis])
     assert err.max() <= 0.75     # argmax of a rendered Gaussian: within rounding of the true point
+
+
+def test_summary_lines_print_the_counts_and_rates():
+    from engine.tasks.spine_disc import SpineDiscTask
+    lines = SpineDiscTask().summary_lines({"dtt_mm": 1.40186, "fnr_pct": 1.6529, "fpr_pct": float("nan"), "pck": 0.7,
+                                           "num_true_discs": 121.0, "num_predictions": 123.0})
+    text = "\n".join(lines)
+    assert "DTT 1.4 mm" in text and "FNR 1.65 %" in text and "FPR n/a" in text
+    assert "true discs 121 " in text and text.rstrip().endswith("predictions 123")

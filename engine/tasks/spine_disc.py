@@ -227,7 +227,7 @@ class SpineDiscTask(Task):
         return [f" discs     DTT {f('dtt_mm', ' mm')}   FNR {f('fnr_pct', ' %')}   FPR {f('fpr_pct', ' %')}   "
                 f"PCK {f('pck')}",
                 f" matched   MRE {f('landmark_mre_mm', ' mm')} = {f('landmark_mre_px', ' px')}   "
-                f"true discs {f('num_true_discs', '', 6)}   predictions {f('num_predictions', '', 6)}"]
+                f"true discs {f('num_true_discs', digits=6)}   predictions {f('num_predictions', digits=6)}"]
 
     def predict_row(self, pred: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
         """Per disc: x, y in original pixels and mm (from the top-left pixel centre of the sagittal view; x = A-P,
