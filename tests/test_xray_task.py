@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from _xray_cases import hand_pelvis
 from engine.tasks.hip_xray import HipXrayAccumulator, HipXrayTask
 
 H, W = 300, 400  # diagonal exactly 500 px
@@ -15,14 +16,7 @@ AI_R = math.degrees(math.atan2(20, 40))  # 26.57 deg
 
 
 def _truth() -> np.ndarray:
-    """H-line y = 100 (p3 (100, 100) -> p7 (200, 100)); AI_left = atan(30/40), AI_right = atan(20/40);
-    h_l = (75, 130): x_l = -15, y = 30 -> I; h_r = (250, 120): x = 10, y = 20 -> II."""
-    k = np.zeros((12, 2))
-    k[0], k[1], k[2] = (60, 70), (80, 80), (100, 100)
-    k[3], k[4], k[5] = (70, 120), (75, 125), (80, 140)
-    k[6], k[7], k[8] = (200, 100), (220, 90), (240, 80)
-    k[9], k[10], k[11] = (250, 110), (250, 115), (250, 130)
-    return k
+    return hand_pelvis()  # tests/_xray_cases.py: AI and IHDI worked out by hand there
 
 
 def _orig(vis=None, spacing=(0.1, 0.2)):
