@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
-from data_pipelines.heatmaps import render_heatmaps
+from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.labelme import load_json_object, rasterize_polygons
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
@@ -684,8 +684,8 @@ class CocoDataset(Dataset):
             "image_CHW": _to_input(image, m, self.input_hw, grid),
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(visible),
-            "heatmap_KHW": torch.from_numpy(render_heatmaps(kpts, visible, self.input_hw, self.sigma_px,
-                                                            self.heatmap_peak, impl=self.heatmap_impl)),
+            **heatmap_item(render_heatmaps(kpts, visible, self.input_hw, self.sigma_px, self.heatmap_peak,
+                                           impl=self.heatmap_impl)),
             # mm per input pixel: exact for the letterbox and for a similarity augmentation of isotropic spacing
             "spacing_mm_2": torch.from_numpy((self._spacing[i] / scale).astype(np.float32)),
             "meta": {"index": i, "id": s.id, "json": str(self.index.json_path), "image": str(s.image_path),

@@ -123,7 +123,7 @@ def build_coco_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, A
     opts = coco_options(data_cfg)
     root = Path(data_cfg.root)
     common = dict(input_hw=tuple(data_cfg.input_hw), sigma_px=data_cfg.sigma_px, heatmap_peak=data_cfg.heatmap_peak,
-                  spacing_mm=data_cfg.spacing_mm, seed=seed)
+                  spacing_mm=data_cfg.spacing_mm, seed=seed, heatmap_impl=task_data.loader_heatmap_impl(data_cfg))
     if opts["splits_from"]:
         indices = {name: _read(root / opts["splits_from"][name], root, opts, data_cfg.skip_bad) for name in SPLIT_NAMES}
         where, source = root, "reader_args.splits_from"

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from data_pipelines import task_data
 from data_pipelines.errors import DataError, index_and_epoch, naming_file
-from data_pipelines.heatmaps import render_heatmaps
+from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
                                        warp_points)
@@ -331,7 +331,7 @@ class HC18Dataset(Dataset):
             "mask_HW": warp_mask(mask, m, self.input_hw, grid=grid),
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(np.ascontiguousarray(visible)),
-            "heatmap_KHW": torch.from_numpy(heatmap),
+            **heatmap_item(heatmap),
             # isotropic spacing and a similarity transform: mm per input pixel is exact
             "spacing_mm_2": torch.full((2,), rec.pixel_size_mm / scale, dtype=torch.float32),
             "meta": {"index": i, "id": rec.stem, "exam_id": rec.exam_id, "image": str(rec.image_path),
@@ -363,7 +363,8 @@ def build_hc18_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, A
     root = ensure_hc18(data_cfg, strategy)
     records, skipped = scan_hc18(root, skip_bad=data_cfg.skip_bad)
     common = dict(input_hw=tuple(data_cfg.input_hw), sigma_px=data_cfg.sigma_px,
-                  heatmap_peak=data_cfg.heatmap_peak, seed=seed, skipped=skipped)
+                  heatmap_peak=data_cfg.heatmap_peak, seed=seed, skipped=skipped,
+                  heatmap_impl=task_data.loader_heatmap_impl(data_cfg))
     probe = HC18Dataset(records, **common)
     splits = task_data.splits_of(probe, data_cfg, seed)
     task_data.record_splits(run_dir, strategy, splits, skipped)

@@ -75,13 +75,25 @@ def render_heatmaps_numba(kpts_K2: np.ndarray, visible_K: np.ndarray, hw: tuple[
 
 
 _IMPLS = {"numba": render_heatmaps_numba, "numpy": render_heatmaps_numpy}
+HEATMAP_IMPLS = (*_IMPLS, "none")
 
 
 def render_heatmaps(kpts_K2: np.ndarray, visible_K: np.ndarray, hw: tuple[int, int], sigma: float,
-                    peak: float = 255.0, truncate: float = 3.0, impl: str = "numba") -> np.ndarray:
-    """Dispatch to the numba kernel or the numpy reference (`impl` = "numba" | "numpy")."""
-    if impl not in _IMPLS:
-        raise ValueError(f"render_heatmaps: impl must be one of {sorted(_IMPLS)}, got {impl!r}")
+                    peak: float = 255.0, truncate: float = 3.0, impl: str = "numba") -> np.ndarray | None:
+    """Dispatch to the numba kernel or the numpy reference (`impl` = "numba" | "numpy"). impl="none" renders
+    nothing and returns None: the targets are then rendered on the model's device by the loss
+    (data.targets=device, kernels/heatmap_render.py), so the loader never spends CPU time on them."""
+    if impl not in HEATMAP_IMPLS:
+        raise ValueError(f"render_heatmaps: impl must be one of {list(HEATMAP_IMPLS)}, got {impl!r}")
     if not sigma > 0:
         raise ValueError(f"render_heatmaps: sigma must be > 0, got {sigma}")
+    if impl == "none":
+        return None
     return _IMPLS[impl](kpts_K2, visible_K, hw, sigma, peak, truncate)
+
+
+def heatmap_item(heatmap_KHW: np.ndarray | None) -> dict:
+    """The sample-dict entry for a rendered target: {"heatmap_KHW": tensor}, or {} when rendering is left to the
+    device (render_heatmaps(..., impl="none"))."""
+    import torch
+    return {} if heatmap_KHW is None else {"heatmap_KHW": torch.from_numpy(heatmap_KHW)}

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from . import task_data
 from .hip_dataset import HipDataset, find_labelme_files
 from .labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES
 from .splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
@@ -56,7 +57,8 @@ def make_splits(probe: HipDataset, data_cfg, seed: int) -> dict[str, Any]:
 def build_hip_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
     files = ensure_dataset(data_cfg, strategy)
     common = dict(input_hw=tuple(data_cfg.input_hw), sigma_px=data_cfg.sigma_px, heatmap_peak=data_cfg.heatmap_peak,
-                  spacing_mm=data_cfg.spacing_mm, skip_bad=data_cfg.skip_bad, seed=seed)
+                  spacing_mm=data_cfg.spacing_mm, skip_bad=data_cfg.skip_bad, seed=seed,
+                  heatmap_impl=task_data.loader_heatmap_impl(data_cfg))
     # One validation pass over all files (bad files raise or are skipped here, never inside a worker).
     probe = HipDataset(files, augment=None, cache_decoded=False, **common)
     splits = make_splits(probe, data_cfg, seed)

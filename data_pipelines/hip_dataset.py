@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, index_and_epoch, naming_file
-from data_pipelines.heatmaps import render_heatmaps
+from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
@@ -243,7 +243,7 @@ class HipDataset(Dataset):
             "mask_HW": warp_mask(dec.mask_HW, m, self.input_hw, grid=grid),
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(visible),
-            "heatmap_KHW": torch.from_numpy(heatmap),
+            **heatmap_item(heatmap),
             # mm per input pixel: exact for the letterbox and for a similarity augmentation of isotropic spacing
             "spacing_mm_2": torch.from_numpy((info["spacing_mm"] / scale).astype(np.float32)),
             "meta": {"index": i, "id": info["id"], "json": str(self.json_paths[i]),

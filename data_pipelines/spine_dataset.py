@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError, OptionError, index_and_epoch, naming_file
-from .heatmaps import render_heatmaps
+from .heatmaps import heatmap_item, render_heatmaps
 from .nifti import OUT_OF_RANGE_MODES, SagittalSample, display_uint8, load_sagittal, zscore
 from .synth_spine import generate_spine_dataset
-from .task_data import augment_params, reader_options, record_splits, splits_of
+from .task_data import augment_params, loader_heatmap_impl, reader_options, record_splits, splits_of
 from .transforms import (AugmentParams, augment_intensity, letterbox_matrix, points_in_frame, random_affine_matrix,
                          sampling_grid, warp_image, warp_points)
 
@@ -198,7 +198,7 @@ class SpineDataset(Dataset):
             "image_CHW": image_CHW,
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(visible),
-            "heatmap_KHW": torch.from_numpy(heatmap),
+            **heatmap_item(heatmap),
             "spacing_mm_2": torch.from_numpy((s.spacing_mm_2 / scale).astype(np.float32)),
             "meta": {"index": i, "id": self._info[i]["id"], "subject": self._info[i]["subject"], "volume": s.path,
                      "orig_hw": tuple(s.image_HW.shape), "to_input_3x3": m.tolist(), "flipped": flipped},
@@ -281,7 +281,8 @@ def build_nifti_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, 
                          heatmap_peak=data_cfg.heatmap_peak, slab=opts["slab"], first_label=opts["first_label"],
                          num_keypoints=opts["num_keypoints"], channels=opts["channels"],
                          out_of_range=opts["out_of_range"], label_suffix=opts["label_suffix"],
-                         skip_bad=data_cfg.skip_bad, seed=seed, cache_decoded=data_cfg.cache_decoded)
+                         skip_bad=data_cfg.skip_bad, seed=seed, cache_decoded=data_cfg.cache_decoded,
+                         heatmap_impl=loader_heatmap_impl(data_cfg))
     splits = splits_of(probe, data_cfg, seed)
     record_splits(run_dir, strategy, splits, probe.skipped)
     augment = augment_params(data_cfg, flip_pairs=())     # a sagittal view has no left/right landmark pairs

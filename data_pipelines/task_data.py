@@ -37,6 +37,13 @@ def reader_options(given: Mapping[str, Any], defaults: Mapping[str, Any], reader
     return {**defaults, **given}
 
 
+def loader_heatmap_impl(data_cfg) -> str:
+    """How a reader's datasets render heatmap targets: "numba" on the CPU in the loader, or "none" when
+    data.targets=device (the loss renders them on the model's device with kernels/heatmap_render.py). An unresolved
+    "auto" (a reader called outside engine.run.train) renders in the loader."""
+    return "none" if getattr(data_cfg, "targets", "loader") == "device" else "numba"
+
+
 def augment_params(data_cfg, flip_pairs: Sequence[tuple[int, int]] = (), **overrides: Any) -> AugmentParams:
     """The geometric augmentation fields of DataConfig as AugmentParams (intensity settings keep their defaults
     unless overridden)."""

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
-from data_pipelines.heatmaps import render_heatmaps
+from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.synth_xray import generate_xray_dataset
-from data_pipelines.task_data import augment_params, reader_options, record_splits, splits_of
+from data_pipelines.task_data import augment_params, loader_heatmap_impl, reader_options, record_splits, splits_of
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_points)
 from data_pipelines.xray_csv import (SPLIT_NAMES, XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, XrayRecord, equalize_hist,
@@ -272,8 +272,8 @@ class XrayDataset(Dataset):
                      "to_input_3x3": m.tolist(), "flipped": flipped},
         }
         if self.heatmaps:
-            sample["heatmap_KHW"] = torch.from_numpy(render_heatmaps(kpts, visible, self.input_hw, self.sigma_px,
-                                                                     self.heatmap_peak, impl=self.heatmap_impl))
+            sample.update(heatmap_item(render_heatmaps(kpts, visible, self.input_hw, self.sigma_px,
+                                                       self.heatmap_peak, impl=self.heatmap_impl)))
         return sample
 
 
@@ -343,7 +343,8 @@ def build_xray_csv_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[st
     layout, skipped = find_xray_samples(root, skip_bad=data_cfg.skip_bad)
     common = dict(input_hw=tuple(data_cfg.input_hw), resize=opts["resize"], equalize=opts["equalize"],
                   sigma_px=data_cfg.sigma_px, heatmap_peak=data_cfg.heatmap_peak, heatmaps=opts["heatmaps"],
-                  spacing_mm=data_cfg.spacing_mm, normalize=opts["normalize"], seed=seed)
+                  spacing_mm=data_cfg.spacing_mm, normalize=opts["normalize"], seed=seed,
+                  heatmap_impl=loader_heatmap_impl(data_cfg))
     triples = [(img, csv, split) for split, pairs in layout.items() for img, csv in pairs]
     # One validation pass over all files (bad files raise or are skipped here, never inside a worker).
     probe = XrayDataset(triples, skip_bad=data_cfg.skip_bad, **common)

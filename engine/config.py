@@ -48,6 +48,10 @@ class DataConfig:
     """Gaussian heatmap sigma in input pixels (published: 7 px at 384x512)."""
     heatmap_peak: float = 255.0
     """Heatmap peak value (published: 255)."""
+    targets: Literal["auto", "loader", "device"] = "auto"
+    """Where heatmap targets are rendered: loader (numba, in the DataLoader workers), device (by the loss, on the model's
+    device: the Triton kernel of kernels/heatmap_render.py on a GPU, its torch reference elsewhere; same values), or
+    auto = device when training on CUDA, else loader. Resolved and saved with the run's config."""
     spacing_mm: tuple[float, float] | None = None
     """mm per original pixel (x, y); None reads dataset.json beside the files."""
     test_frac: float = 0.2

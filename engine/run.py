@@ -77,6 +77,15 @@ def build_data(cfg: Config, run_dir: Path, strategy) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
 
 
+def resolve_targets(cfg: Config, device: torch.device) -> Config:
+    """data.targets=auto -> device when training on CUDA (the loader then skips heatmap rendering and the loss renders
+    the targets with the Triton kernel), else loader."""
+    if cfg.data.targets != "auto":
+        return cfg
+    where = "device" if torch.device(device).type == "cuda" else "loader"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, targets=where))
+
+
 def make_criterion(cfg: Config) -> torch.nn.Module:
     name = cfg.model.criterion or cfg.model.name
     if name not in CRITERIA:
@@ -86,7 +95,13 @@ def make_criterion(cfg: Config) -> torch.nn.Module:
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ConfigError(f"model.criterion_args: unknown key '{unknown[0]}' for loss '{name}' "
                           f"(valid: {', '.join(params)})")
-    return build_criterion(name, **cfg.model.criterion_args)
+    kwargs = dict(cfg.model.criterion_args)
+    # Heatmap losses render their targets from the keypoints when the loader did not (data.targets=device): they take
+    # the data section's sigma and peak unless the run config sets them for the loss explicitly.
+    for key in ("sigma_px", "heatmap_peak"):
+        if key in params and key not in kwargs:
+            kwargs[key] = getattr(cfg.data, key)
+    return build_criterion(name, **kwargs)
 
 
 def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
@@ -117,6 +132,7 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
     seed_everything(cfg.train.seed + info.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    cfg = resolve_targets(cfg, info.device)
     run_dir = make_run_dir(cfg, strategy, resuming=resume is not None)
     setup_console_logging(info.rank, run_dir)
     if info.is_main:

@@ -5,23 +5,21 @@ integers. Heatmaps here are at the network input resolution, so decoded points a
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from kernels.heatmap_render import render_heatmaps
+from kernels.soft_argmax import soft_argmax
 
 DECODE_METHODS = ("dark", "softargmax", "argmax")
 
 
 def render_heatmaps_torch(kpts_px_BK2: torch.Tensor, visible_BK: torch.Tensor, hw: tuple[int, int], sigma: float,
                           peak: float = 255.0, truncate: float = 3.0) -> torch.Tensor:
-    """Unnormalised, truncated Gaussian heatmaps (B, K, H, W) float32 — the exact target definition.
-
-    value(x, y) = peak * exp(-((x - kx)^2 + (y - ky)^2) / (2 sigma^2))
-                  if |x - round(kx)| <= r and |y - round(ky)| <= r, r = ceil(truncate * sigma), else 0;
-    invisible keypoints give all-zero maps. round() is torch.round: half to even (2.5 -> 2, 3.5 -> 4), like
-    numpy.round, so a numpy/numba renderer using np.round matches it. Evaluated in float64, returned as float32.
-    """
+    """Unnormalised, truncated Gaussian heatmaps (B, K, H, W) float32 on the keypoints' device — the definition of
+    data_pipelines/heatmaps.py (window centred on the keypoint rounded half away from zero, r = ceil(truncate *
+    sigma); invisible or non-finite keypoints give all-zero maps), so device-rendered targets equal the loader's.
+    kernels/heatmap_render.py does the work: the Triton kernel for CUDA tensors, its torch reference otherwise."""
     if kpts_px_BK2.dim() != 3 or kpts_px_BK2.shape[-1] != 2:
         raise ValueError(f"models/codecs.py: kpts_px_BK2 must be (B, K, 2), got {tuple(kpts_px_BK2.shape)}")
     if tuple(visible_BK.shape) != tuple(kpts_px_BK2.shape[:2]):
@@ -29,23 +27,32 @@ def render_heatmaps_torch(kpts_px_BK2: torch.Tensor, visible_BK: torch.Tensor, h
                          f"{tuple(kpts_px_BK2.shape[:2])}")
     if not sigma > 0:
         raise ValueError(f"models/codecs.py: sigma must be > 0, got {sigma}")
-    h, w = int(hw[0]), int(hw[1])
-    dev = kpts_px_BK2.device
-    vis_BK = visible_BK.to(device=dev, dtype=torch.bool) & torch.isfinite(kpts_px_BK2).all(dim=-1)
-    # invisible points may carry NaN/garbage coordinates: park them at 0 so no NaN reaches the (masked) maps
-    k_BK2 = torch.where(vis_BK[..., None], kpts_px_BK2.to(torch.float64), torch.zeros((), dtype=torch.float64,
-                                                                                        device=dev))
-    r = math.ceil(truncate * sigma)
-    xs = torch.arange(w, dtype=torch.float64, device=dev)
-    ys = torch.arange(h, dtype=torch.float64, device=dev)
-    kx, ky = k_BK2[..., 0, None], k_BK2[..., 1, None]                       # (B, K, 1)
-    dx2_BKW, dy2_BKH = (xs - kx) ** 2, (ys - ky) ** 2
-    in_x_BKW = (xs - torch.round(kx)).abs() <= r
-    in_y_BKH = (ys - torch.round(ky)).abs() <= r
-    d2_BKHW = dy2_BKH[..., :, None] + dx2_BKW[..., None, :]
-    inside_BKHW = in_y_BKH[..., :, None] & in_x_BKW[..., None, :] & vis_BK[..., None, None]
-    heat_BKHW = peak * torch.exp(-d2_BKHW / (2.0 * sigma * sigma))
-    return torch.where(inside_BKHW, heat_BKHW, torch.zeros((), dtype=torch.float64, device=dev)).to(torch.float32)
+    return render_heatmaps(kpts_px_BK2, visible_BK.to(kpts_px_BK2.device), (int(hw[0]), int(hw[1])), float(sigma),
+                           float(peak), float(truncate))
+
+
+def target_heatmaps(targets: dict, heat_BKHW: torch.Tensor, sigma_px: float | None, peak: float,
+                    where: str) -> torch.Tensor:
+    """The loss target for predicted heatmaps heat_BKHW: targets["heatmap_BKHW"] when the loader rendered it, else
+    rendered here from targets["kpts_px_BK2"] / ["kpts_visible_BK"] on heat's device (data.targets=device: the Triton
+    kernel on CUDA, its reference elsewhere; same values as the loader's numba targets). `where` names the caller in
+    errors."""
+    if targets.get("heatmap_BKHW") is not None:
+        target = targets["heatmap_BKHW"].to(heat_BKHW.device)
+    elif sigma_px is not None:
+        for key in ("kpts_px_BK2", "kpts_visible_BK"):
+            if targets.get(key) is None:
+                raise KeyError(f"{where}: targets carry no 'heatmap_BKHW' and no '{key}' to render it from "
+                               f"(got {sorted(targets)})")
+        target = render_heatmaps_torch(targets["kpts_px_BK2"].to(heat_BKHW.device),
+                                       targets["kpts_visible_BK"].to(heat_BKHW.device),
+                                       tuple(heat_BKHW.shape[-2:]), sigma_px, peak)
+    else:
+        raise KeyError(f"{where}: targets carry no 'heatmap_BKHW' and the loss has no sigma_px to render it")
+    if tuple(target.shape) != tuple(heat_BKHW.shape[-4:]):
+        raise ValueError(f"{where}: target heatmap {tuple(target.shape)} does not match the prediction "
+                         f"{tuple(heat_BKHW.shape[-4:])}")
+    return target
 
 
 def argmax_decode(heatmap_BKHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,15 +138,10 @@ def _newton_step(gx, gy, hxx, hyy, hxy, interior_x, interior_y) -> torch.Tensor:
 def softargmax_decode(heatmap_BKHW: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Soft-argmax (integral regression, Sun et al. ECCV 2018): E[(x, y)] under softmax(beta * heatmap) over the
     pixels. (B, K, 2) float32 pixels. For a Gaussian of peak P the weights are ~Gaussian with sigma / sqrt(beta P)
-    around the true centre, so beta * P of ~20 gives an unbiased, still sharp estimate."""
+    around the true centre, so beta * P of ~20 gives an unbiased, still sharp estimate. Differentiable;
+    kernels/soft_argmax.py does the work (one pass per map in Triton on CUDA, its torch reference otherwise)."""
     _check_heatmap(heatmap_BKHW)
-    b, k, h, w = heatmap_BKHW.shape
-    prob = torch.softmax(beta * heatmap_BKHW.float().reshape(b, k, h * w), dim=-1).reshape(b, k, h, w)
-    xs = torch.arange(w, dtype=torch.float32, device=heatmap_BKHW.device)
-    ys = torch.arange(h, dtype=torch.float32, device=heatmap_BKHW.device)
-    x = (prob.sum(dim=2) * xs).sum(dim=-1)
-    y = (prob.sum(dim=3) * ys).sum(dim=-1)
-    return torch.stack([x, y], dim=-1)
+    return soft_argmax(heatmap_BKHW, float(beta))
 
 
 def decode_heatmaps(heatmap_BKHW: torch.Tensor, method: str = "dark", sigma: float = 7.0,

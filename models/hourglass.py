@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .codecs import target_heatmaps
+
 WHERE = "models/hourglass.py"
 
 
@@ -197,11 +199,16 @@ class StackedHeatmapLoss(nn.Module):
     heatmap against the same target at input resolution. Returns {"loss", "loss_stack0", ...}; parts detached.
     Computed in float32 whatever the autocast dtype of the outputs."""
 
+    def __init__(self, sigma_px: float | None = None, heatmap_peak: float = 1.0):
+        super().__init__()
+        # used only when the loader left the targets to the device (data.targets=device): models/codecs.target_heatmaps
+        self.sigma_px, self.heatmap_peak = sigma_px, float(heatmap_peak)
+
     def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pred_SBKHW = outputs.get("heatmaps_SBKHW")
         if pred_SBKHW is None:
             pred_SBKHW = outputs["heatmap_BKHW"].unsqueeze(0)
-        target_BKHW = targets["heatmap_BKHW"].float()
+        target_BKHW = target_heatmaps(targets, pred_SBKHW[0], self.sigma_px, self.heatmap_peak, WHERE).float()
         if tuple(pred_SBKHW.shape[1:]) != tuple(target_BKHW.shape):
             raise ValueError(f"{WHERE}: heatmaps {tuple(pred_SBKHW.shape[1:])} do not match the target "
                              f"{tuple(target_BKHW.shape)}")

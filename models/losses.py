@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codecs import render_heatmaps_torch
+from .codecs import target_heatmaps
 
 WHERE = "models/losses.py"
 
@@ -175,16 +175,7 @@ class MultiHipPoseCriterion(nn.Module):
         return mask_BHW
 
     def _target_heatmap(self, targets: dict, heat: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        if targets.get("heatmap_BKHW") is not None:
-            target = targets["heatmap_BKHW"].to(heat.device)
-        elif self.sigma_px is not None:
-            target = render_heatmaps_torch(_get(targets, "kpts_px_BK2", "targets").to(heat.device), visible,
-                                           heat.shape[-2:], self.sigma_px, self.heatmap_peak)
-        else:
-            raise KeyError(f"{WHERE}: targets carry no 'heatmap_BKHW' and the criterion has no sigma_px to render it")
-        if target.shape != heat.shape:
-            raise ValueError(f"{WHERE}: target heatmap {tuple(target.shape)} does not match the prediction "
-                             f"{tuple(heat.shape)}")
+        target = target_heatmaps(targets, heat, self.sigma_px, self.heatmap_peak, WHERE)
         if tuple(visible.shape) != tuple(heat.shape[:2]):
             raise ValueError(f"{WHERE}: kpts_visible_BK {tuple(visible.shape)} does not match (B, K) = "
                              f"{tuple(heat.shape[:2])}")

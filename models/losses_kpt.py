@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codecs import render_heatmaps_torch, softargmax_decode
+from .codecs import softargmax_decode, target_heatmaps
 
 WHERE = "models/losses_kpt.py"
 COORD_KINDS = ("mse", "l1", "smooth_l1")
@@ -114,17 +114,7 @@ class HeatmapCoordLoss(nn.Module):
         self.normalize_coords = bool(normalize_coords)
 
     def _target(self, targets: dict, heat: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
-        if targets.get("heatmap_BKHW") is not None:
-            target = targets["heatmap_BKHW"].to(heat.device)
-        elif self.sigma_px is not None:
-            target = render_heatmaps_torch(_get(targets, "kpts_px_BK2", "targets").to(heat.device), vis,
-                                           tuple(heat.shape[-2:]), self.sigma_px, self.heatmap_peak)
-        else:
-            raise KeyError(f"{WHERE}: targets carry no 'heatmap_BKHW' and the criterion has no sigma_px to render it")
-        if target.shape != heat.shape:
-            raise ValueError(f"{WHERE}: target heatmap {tuple(target.shape)} does not match the prediction "
-                             f"{tuple(heat.shape)}")
-        return target
+        return target_heatmaps(targets, heat, self.sigma_px, self.heatmap_peak, WHERE)
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         heat = _get(outputs, "heatmap_BKHW", "outputs")

@@ -3,34 +3,21 @@
 At each encoder level the E experts' features are concatenated, every channel gets a data-dependent gain from a GCT
 gate (Yang et al., "Gated Channel Transformation for Visual Recognition", CVPR 2020), and a 1x1 conv + GroupNorm +
 ReLU fuses the E*C gated channels back to C.
+
+The gate is kernels/gct_gate.py: `gct_gate` (Triton on CUDA, its torch reference `gct_gate_ref` elsewhere; the
+reference is the specification written in SEEDS.md §1). Because the gate is a per-sample, per-channel scale, the
+1x1 fusion conv absorbs it (`gct_gate_conv1x1`): the gated (B, E*C, H, W) tensor is never written.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kernels.gct_gate import gct_gate, gct_gate_conv1x1, gct_gate_ref
+
 from .resnet_gn import group_norm
 
-
-def gct_gate(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-             eps: float = 1e-5) -> torch.Tensor:
-    """GCT gate (Yang et al. 2020, eqs. 1-4, l2 mode), plain torch: the specification and the CPU path.
-
-    x: (B, C, H, W); alpha, gamma, beta: (1, C, 1, 1).
-        emb  = alpha * sqrt(sum_{h,w} x^2 + eps)          global context embedding, per sample and channel
-        norm = gamma / sqrt(mean_c(emb^2) + eps)          channel normalisation (competition between channels)
-        out  = x * (1 + tanh(emb * norm + beta))          gain in (0, 2); identity at init (gamma = beta = 0)
-    A reduction over H*W then an elementwise multiply: memory-bound, so a fused kernel (kernels/) can replace this
-    function through a dispatcher with exactly this signature. Statistics are taken in at least float32 so bf16 inputs
-    do not lose the sum of squares (float64 stays float64, for gradcheck).
-    """
-    if x.dim() != 4:
-        raise ValueError(f"models/me_gct.py: gct_gate expects x of shape (B, C, H, W), got {tuple(x.shape)}")
-    xc = x.to(torch.promote_types(x.dtype, torch.float32))        # fp16/bf16 -> fp32; fp32/fp64 unchanged
-    emb = alpha * (xc.pow(2).sum(dim=(2, 3), keepdim=True) + eps).sqrt()
-    norm = gamma / (emb.pow(2).mean(dim=1, keepdim=True) + eps).sqrt()
-    gate = 1.0 + torch.tanh(emb * norm + beta)
-    return (xc * gate).to(x.dtype)
+__all__ = ["GCT", "MEGCT", "MEGCTSet", "gct_gate", "gct_gate_conv1x1", "gct_gate_ref"]
 
 
 class GCT(nn.Module):
@@ -49,11 +36,12 @@ class GCT(nn.Module):
 
 class MEGCT(nn.Module):
     """One level: concat E experts (B, E*C, H, W) -> GCT gate -> Conv1x1 (E*C -> C, no bias: GroupNorm follows)
-    -> GroupNorm -> ReLU."""
+    -> GroupNorm -> ReLU. `fused` runs gate + conv as one op (same values and parameters; the gated tensor is never
+    materialised); fused=False gates, writes the gated tensor, then convolves."""
 
-    def __init__(self, num_experts: int, channels: int, gn_groups: int = 32, eps: float = 1e-5):
+    def __init__(self, num_experts: int, channels: int, gn_groups: int = 32, eps: float = 1e-5, fused: bool = True):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.fused = num_experts, bool(fused)
         self.gate = GCT(num_experts * channels, eps)
         self.fuse = nn.Sequential(nn.Conv2d(num_experts * channels, channels, 1, bias=False),
                                   group_norm(channels, gn_groups), nn.ReLU(inplace=True))
@@ -62,15 +50,21 @@ class MEGCT(nn.Module):
     def forward(self, expert_feats: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         if len(expert_feats) != self.num_experts:
             raise ValueError(f"models/me_gct.py: MEGCT built for {self.num_experts} experts, got {len(expert_feats)}")
-        return self.fuse(self.gate(torch.cat(list(expert_feats), dim=1)))
+        x_BCHW = torch.cat(list(expert_feats), dim=1)
+        if not self.fused:
+            return self.fuse(self.gate(x_BCHW))
+        conv, norm, act = self.fuse
+        g = self.gate
+        return act(norm(gct_gate_conv1x1(x_BCHW, g.alpha, g.gamma, g.beta, conv.weight, g.eps)))
 
 
 class MEGCTSet(nn.Module):
     """The 5 levels' ME-GCT modules (one fusion module set; the network holds one per task or one shared)."""
 
-    def __init__(self, num_experts: int, level_channels: list[int], gn_groups: int = 32, eps: float = 1e-5):
+    def __init__(self, num_experts: int, level_channels: list[int], gn_groups: int = 32, eps: float = 1e-5,
+                 fused: bool = True):
         super().__init__()
-        self.levels = nn.ModuleList(MEGCT(num_experts, c, gn_groups, eps) for c in level_channels)
+        self.levels = nn.ModuleList(MEGCT(num_experts, c, gn_groups, eps, fused) for c in level_channels)
 
     def forward(self, per_level_expert_feats: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
         return [m(feats) for m, feats in zip(self.levels, per_level_expert_feats)]

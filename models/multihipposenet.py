@@ -88,7 +88,7 @@ class MultiHipPoseNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 8, num_keypoints: int = 6, num_experts: int = 3,
                  expert_depth: int = 50, width: int = 64, decoder_width: int | None = None, fusion: str = "per_task",
                  galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32, gct_eps: float = 1e-5,
-                 decoder_norm: str = "none"):
+                 decoder_norm: str = "none", gct_fused: bool = True):
         super().__init__()
         _check_args(num_classes, num_keypoints, num_experts, fusion, galm)
         if decoder_norm not in DECODER_NORMS:
@@ -99,7 +99,8 @@ class MultiHipPoseNet(nn.Module):
         self.experts = nn.ModuleList(ResNetGN(expert_depth, width, in_channels, gn_groups) for _ in range(num_experts))
         enc_channels = self.experts[0].out_channels
         num_sets = 2 if fusion == "per_task" else 1
-        self.fusions = nn.ModuleList(MEGCTSet(num_experts, enc_channels, gn_groups, gct_eps) for _ in range(num_sets))
+        self.fusions = nn.ModuleList(MEGCTSet(num_experts, enc_channels, gn_groups, gct_eps, gct_fused)
+                                     for _ in range(num_sets))
         self.decoders = nn.ModuleList([TaskDecoder(enc_channels, dec_width, num_classes, gn_groups, decoder_norm),
                                        TaskDecoder(enc_channels, dec_width, num_keypoints, gn_groups, decoder_norm)])
         self.galm = (None if galm == "none" else
@@ -161,12 +162,14 @@ def _check_args(num_classes: int, num_keypoints: int, num_experts: int, fusion: 
 def build_multihipposenet(in_channels: int = 3, num_classes: int = 8, num_keypoints: int = 6, num_experts: int = 3,
                           expert_depth: int = 50, width: int = 64, decoder_width: int | None = None,
                           fusion: str = "per_task", galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32,
-                          gct_eps: float = 1e-5, decoder_norm: str = "none") -> MultiHipPoseNet:
+                          gct_eps: float = 1e-5, decoder_norm: str = "none", gct_fused: bool = True
+                          ) -> MultiHipPoseNet:
     """Config-friendly builder (plain values only); see MultiHipPoseNet and SEEDS.md §1."""
     return MultiHipPoseNet(in_channels=in_channels, num_classes=num_classes, num_keypoints=num_keypoints,
                            num_experts=num_experts, expert_depth=expert_depth, width=width,
                            decoder_width=decoder_width, fusion=fusion, galm=galm, galm_embed_dim=galm_embed_dim,
-                           gn_groups=gn_groups, gct_eps=gct_eps, decoder_norm=decoder_norm)
+                           gn_groups=gn_groups, gct_eps=gct_eps, decoder_norm=decoder_norm,
+                           gct_fused=gct_fused)
 
 
 def count_parameters(model: nn.Module) -> int:

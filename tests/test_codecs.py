@@ -12,16 +12,16 @@ def _one(kx, ky, hw, sigma, peak=255.0, truncate=3.0):
     return render_heatmaps_torch(torch.tensor([[[kx, ky]]]), torch.tensor([[True]]), hw, sigma, peak, truncate)
 
 
-def test_render_matches_definition_with_half_to_even_window():
-    # sigma 1, truncate 1 -> r = 1; kx = 2.5 rounds to 2 (half to even), so the window is x in [1, 3]:
-    # x = 1 (1.5 px away) is inside, x = 4 (also 1.5 px away) is outside.
+def test_render_matches_definition_with_window_rounded_half_away_from_zero():
+    # sigma 1, truncate 1 -> r = 1; kx = 2.5 rounds to 3 (half away from zero, as the loader's numba targets), so the
+    # window is x in [2, 4]: x = 4 (1.5 px away) is inside, x = 1 (also 1.5 px away) is outside.
     hm = _one(2.5, 1.0, (3, 6), sigma=1.0, peak=255.0, truncate=1.0)[0, 0]
     assert hm.dtype == torch.float32 and hm.shape == (3, 6)
-    assert hm[1, 1].item() == pytest.approx(255.0 * math.exp(-1.5 ** 2 / 2), rel=1e-6)
+    assert hm[1, 4].item() == pytest.approx(255.0 * math.exp(-1.5 ** 2 / 2), rel=1e-6)
     assert hm[1, 2].item() == pytest.approx(255.0 * math.exp(-0.25 / 2), rel=1e-6)
     assert hm[0, 3].item() == pytest.approx(255.0 * math.exp(-(0.25 + 1.0) / 2), rel=1e-6)
-    assert hm[1, 4].item() == 0.0 and hm[1, 0].item() == 0.0
-    # kx = 3.5 rounds to 4: window [3, 5], so x = 5 (1.5 px away) is inside and x = 2 (1.5 px away) is not
+    assert hm[1, 1].item() == 0.0 and hm[1, 5].item() == 0.0
+    # kx = 3.5 rounds to 4 either way: window [3, 5], so x = 5 (1.5 px away) is inside and x = 2 is not
     hm2 = _one(3.5, 1.0, (3, 6), sigma=1.0, truncate=1.0)[0, 0]
     assert hm2[1, 5].item() == pytest.approx(255.0 * math.exp(-1.5 ** 2 / 2), rel=1e-6)
     assert hm2[1, 2].item() == 0.0
