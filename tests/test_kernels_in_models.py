@@ -44,10 +44,14 @@ def _step(impl, monkeypatch, model_args, hw, device, b=2):
 def _compare_steps(monkeypatch, model_args, hw, device, rtol, atol):
     # full fp32 convolutions and GEMMs on both paths: TF32 (cuDNN's default for convs) would differ between the
     # reference's conv and the fused path's GEMM by ~1e-3 and hide what this test compares
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    ref_out, ref_grads = _step("ref", monkeypatch, model_args, hw, device)
-    tri_out, tri_grads = _step("triton", monkeypatch, model_args, hw, device)
+    old_matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            ref_out, ref_grads = _step("ref", monkeypatch, model_args, hw, device)
+            tri_out, tri_grads = _step("triton", monkeypatch, model_args, hw, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
     for key in ("loss", "loss_seg", "loss_kpt"):
         torch.testing.assert_close(tri_out[key], ref_out[key], rtol=rtol, atol=atol, msg=key)
     assert ref_grads.keys() == tri_grads.keys()
