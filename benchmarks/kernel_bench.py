@@ -214,6 +214,49 @@ def write_markdown(path: Path, meta: dict, rows: list[dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def sweep_soft_argmax(device: torch.device, bw_gbs: float) -> list[dict]:
+    """Launch-parameter sweep of the soft-argmax kernels (block, forward split, backward split) at two shapes: the
+    evidence behind the defaults in kernels/soft_argmax.py."""
+    rows = []
+    for shape in ((64, 17, 384, 512), (8, 6, 384, 512)):
+        h = torch.randn(shape, device=device).mul_(3).requires_grad_()
+        n_maps = shape[0] * shape[1]
+        g = torch.randn(shape[0], shape[1], 2, device=device)
+        for block in (512, 1024, 2048, 4096):
+            for split in (None, max(1, 256 // n_maps), max(1, 1024 // n_maps), max(1, 4096 // n_maps)):
+                for split_bwd in (None, max(1, 2048 // n_maps)):
+                    kw = dict(block=block, split=split, split_bwd=split_bwd)
+                    fwd = lambda: soft_argmax(h, 1.0, impl="triton", **kw)  # noqa: E731
+                    both = lambda: torch.autograd.grad(soft_argmax(h, 1.0, impl="triton", **kw), h, g)  # noqa: E731
+                    row = dict(shape="x".join(map(str, shape)), **{k: str(v) for k, v in kw.items()})
+                    try:
+                        fwd(), both()
+                        row["fwd_frac_bw"] = h.numel() * 4 / (time_ms(fwd, device) * 1e-3) / 1e9 / bw_gbs
+                        row["fwdbwd_frac_bw"] = 3 * h.numel() * 4 / (time_ms(both, device) * 1e-3) / 1e9 / bw_gbs
+                    except Exception as e:  # a launch the chip refuses must not end the sweep
+                        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    rows.append(row)
+                    print("sweep", row, flush=True)
+    return rows
+
+
+def profile_gct(device: torch.device, shape=(8, 3072, 24, 32)) -> str:
+    """torch.profiler table of one gct_gate fwd+bwd per provider (where the time goes at a small-map level)."""
+    from torch.profiler import ProfilerActivity, profile
+    case = gct_case(shape, torch.float32, device, compiled=False)
+    text = []
+    for prov, (_, both) in case["providers"].items():
+        both(), both()
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                both()
+            _sync(device)
+        text.append(f"== {prov} {shape} fwd+bwd x5\n" + prof.key_averages().table(sort_by="cuda_time_total",
+                                                                                  row_limit=18))
+    return "\n".join(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="folder for kernel_bench.md / kernel_bench.json")
@@ -222,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default="gct_gate,gct_gate_conv1x1,soft_argmax,render_heatmaps",
                     help="comma-separated subset of the ops")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the soft-argmax launch parameters")
+    ap.add_argument("--profile", action="store_true", help="also profile gct_gate fwd+bwd at a small-map level")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -233,11 +278,22 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype, interpret=os.environ.get("TRITON_INTERPRET", "0"))
     meta["copy_gbs"] = copy_bandwidth_gbs(device)
     print(f"device {meta['device']}: copy bandwidth {meta['copy_gbs']:.0f} GB/s", flush=True)
+    if args.profile and device.type == "cuda":
+        prof = profile_gct(device)
+        print(prof, flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "profile_gct.txt").write_text(prof)
+    if args.sweep and device.type == "cuda":
+        sweep = sweep_soft_argmax(device, meta["copy_gbs"])
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "sweep_soft_argmax.json").write_text(json.dumps(sweep, indent=1))
     gshapes, hshapes = (QUICK_GCT, QUICK_HEAT) if args.quick else (GCT_SHAPES, HEAT_SHAPES)
     builders = {"gct_gate": (gct_case, gshapes), "gct_gate_conv1x1": (gct_conv_case, gshapes),
                 "soft_argmax": (soft_argmax_case, hshapes), "render_heatmaps": (render_case, hshapes)}
     rows: list[dict] = []
-    for op in args.ops.split(","):
+    for op in [o for o in args.ops.split(",") if o]:
         build, shapes = builders[op]
         for shape in shapes:
             case = build(shape, dtype, device, compiled)

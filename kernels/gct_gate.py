@@ -8,7 +8,8 @@ Maths (per sample b and channel c; x is (B, C, H, W); alpha, gamma, beta are (1,
     t[b,c]  = tanh(gamma[c] * e[b,c] * r[b] + beta[c])
     g[b,c]  = 1 + t[b,c]                               the gate, a per-sample per-channel gain in (0, 2)
     y       = x * g[b,c]
-Fused conv: out[b] = conv1x1(y, weight)[b] = (weight_OC * g[b][None, :]) @ x[b].reshape(C, HW); the gated tensor y
+Fused conv: out[b] = conv1x1(y, weight)[b] = (weight_OC * g[b][None, :]) @ x[b].reshape(C, HW), run as one grouped conv
+over the batch (groups = B) with the per-sample weight; the gated tensor y
 is never written, except on maps with H*W < Cout, where y is smaller than the scaled weight (B, Cout, C).
 
 Bytes (N = B*C*H*W elements of the input dtype; the (B, C) statistics and the parameters are negligible):
@@ -316,19 +317,6 @@ class _GCTGateFn(torch.autograd.Function):
         return _gate_grads(ctx, G_BC, dy)
 
 
-class _GateOnlyFn(torch.autograd.Function):
-    """The gate g (B, C) alone (kernels A, G), for the fused conv; backward from dL/dg: kernel H, then kernel D
-    without dy (dx = 2 * x * dS)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, gamma, beta, eps, block_hw):
-        return 1.0 + _gate_stats(ctx, x, alpha, gamma, beta, eps, block_hw)[1]
-
-    @staticmethod
-    def backward(ctx, dgate_BC):
-        return _gate_grads(ctx, dgate_BC, None)
-
-
 def gct_gate(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5,
              impl: str = "auto", block_hw: int | None = None) -> torch.Tensor:
     """GCT gate y = x * (1 + tanh(...)) (module docstring). impl: "auto" | "triton" | "ref" (kernels/_dispatch.py).
@@ -344,16 +332,80 @@ def _conv_gates_x(HW: int, cout: int) -> bool:
     return HW < cout
 
 
+def _conv_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the 1x1 conv would run in here: autocast's when it is on for x's device, else x's own."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _scaled_weight(w_OC: torch.Tensor, t_BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample weight W * g[b] as a grouped-conv weight (B*Cout, C, 1, 1): the gate folded into the conv."""
+    B, C = t_BC.shape
+    w_BOC = w_OC.to(t_BC.dtype)[None] * (1.0 + t_BC)[:, None, :]
+    return w_BOC.to(dtype).reshape(B * w_OC.shape[0], C, 1, 1)
+
+
+class _GCTGateConv1x1Fn(torch.autograd.Function):
+    """out = conv1x1(x * g(x), W) as ONE grouped convolution over the batch with the per-sample weight W * g[b]
+    (groups = B): the gated tensor is never written. cuDNN runs the conv and its two backward GEMMs under the same
+    precision policy (TF32, autocast dtype) as the unfused conv would.
+        forward:  kernel A (S), kernel G (t, root), conv(x, W * g)
+        backward: dx_conv, dWg = conv backward; dW = sum_b dWg[b] * g[b]; dL/dg[b, c] = sum_o dWg[b, o, c] W[o, c];
+                  kernel H (dS, parameter grads); kernel D with t = 0: dx = dx_conv + 2 x dS (one pass, no separate
+                  autograd accumulation of the two x paths).
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, gamma, beta, weight, eps, block_hw):
+        B, C, H, W = x.shape
+        x = x.contiguous()
+        dt = _stat_dtype(x, alpha, gamma, beta)
+        a_C, g_C, b_C = (_as_vec(p, C, n).to(dt).contiguous()
+                         for p, n in ((alpha, "alpha"), (gamma, "gamma"), (beta, "beta")))
+        S_BC = _rowdot(x, None, dt, block_hw)
+        t_BC, root_B = _gate_fwd(S_BC, a_C, g_C, b_C, eps)
+        cdt = _conv_dtype(x)
+        w_OC = weight.reshape(weight.shape[0], C)
+        out = F.conv2d(x.to(cdt).reshape(1, B * C, H, W), _scaled_weight(w_OC, t_BC, cdt), groups=B)
+        ctx.save_for_backward(x, S_BC, t_BC, root_B, a_C, g_C, weight)
+        ctx.eps, ctx.block_hw, ctx.cdt = eps, block_hw, cdt
+        ctx.param_meta = [(p.shape, p.dtype) for p in (alpha, gamma, beta)]
+        return out.reshape(B, weight.shape[0], H, W)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, S_BC, t_BC, root_B, a_C, g_C, weight = ctx.saved_tensors
+        B, C, H, W = x.shape
+        cout = weight.shape[0]
+        w_OC = weight.reshape(cout, C)
+        wg = _scaled_weight(w_OC, t_BC, ctx.cdt)
+        dx_conv, dwg, _ = torch.ops.aten.convolution_backward(
+            dout.to(ctx.cdt).contiguous().reshape(1, B * cout, H, W), x.to(ctx.cdt).reshape(1, B * C, H, W), wg,
+            None, [1, 1], [0, 0], [1, 1], False, [0, 0], B, [ctx.needs_input_grad[0], True, False])
+        dwg_BOC = dwg.reshape(B, cout, C).to(S_BC.dtype)
+        dweight = (dwg_BOC * (1.0 + t_BC)[:, None, :]).sum(0).reshape(weight.shape).to(weight.dtype)
+        dgate_BC = (dwg_BOC * w_OC.to(S_BC.dtype)[None]).sum(1)
+        dS_BC, dp_3C = _gate_bwd(dgate_BC, S_BC, t_BC, root_B, a_C, g_C, ctx.eps)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            # kernel D computes dy * (1 + t) + 2 x dS: with dy = dx_conv and t = 0 it adds the two x paths in one pass
+            dx = _grad_x(dx_conv.reshape(B, C, H, W), x, torch.zeros_like(t_BC), dS_BC, ctx.block_hw)
+        dparams = [d.reshape(shape).to(dtype) for d, (shape, dtype) in zip(dp_3C, ctx.param_meta)]
+        return (dx, *dparams, dweight, None, None)
+
+
 def gct_gate_conv1x1(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                      weight: torch.Tensor, eps: float = 1e-5, impl: str = "auto",
                      block_hw: int | None = None) -> torch.Tensor:
     """conv1x1(gct_gate(x), weight) without writing the gated tensor: out[b] = (W * g[b]) @ x[b].
 
-    Triton path: g (B, C) from kernels A and G in a small autograd Function (backward: kernels H and D), then one
-    cuBLAS bmm with the per-sample scaled weight (B, Cout, C). The GEMM and its backward are left to cuBLAS and
-    autograd, so autocast applies to the bmm as it would to the conv. When H*W < Cout (the deepest, smallest
-    maps) the scaled weight would be larger than the gated tensor, so that case gates x with the fused gct_gate
-    kernels and runs the conv on the result (`_conv_gates_x`).
+    Triton path: g (B, C) from kernels A and G, then one grouped cuDNN convolution (groups = B) with the per-sample
+    scaled weight (B*Cout, C, 1, 1); a custom backward folds both gradient paths into x with one pass of kernel D
+    (_GCTGateConv1x1Fn). When H*W < Cout (the deepest, smallest maps) the scaled weight would be larger than the
+    gated tensor, so that case gates x with the gct_gate kernels and runs the plain conv on the result
+    (`_conv_gates_x`).
     """
     _check_x(x)
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or weight.shape[2:] != (1, 1):
@@ -363,10 +415,8 @@ def gct_gate_conv1x1(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, 
     B, C, H, W = x.shape
     if _conv_gates_x(H * W, weight.shape[0]):
         y = _GCTGateFn.apply(x, alpha, gamma, beta, float(eps), block_hw)
-        return F.conv2d(y, weight.to(y.dtype))          # like the bmm route: the weight follows x's dtype
-    gate_BC = _GateOnlyFn.apply(x, alpha, gamma, beta, float(eps), block_hw)
-    w_BOC = (weight.reshape(1, weight.shape[0], C) * gate_BC[:, None, :]).to(x.dtype)
-    return torch.bmm(w_BOC, x.reshape(B, C, H * W)).reshape(B, weight.shape[0], H, W)
+        return F.conv2d(y, weight.to(y.dtype))          # like the fused route: the weight follows x's dtype
+    return _GCTGateConv1x1Fn.apply(x, alpha, gamma, beta, weight, float(eps), block_hw)
 
 
 def gct_gate_bytes(B: int, C: int, H: int, W: int, dtype: torch.dtype = torch.float32,
@@ -382,11 +432,11 @@ def gct_gate_bytes(B: int, C: int, H: int, W: int, dtype: torch.dtype = torch.fl
 def gct_gate_conv1x1_bytes(B: int, C: int, H: int, W: int, Cout: int, dtype: torch.dtype = torch.float32,
                            param_dtype: torch.dtype = torch.float32) -> dict:
     """Bytes moved by gct_gate_conv1x1. Ideal forward: read x and weight once, write out (B, Cout, H, W); backward:
-    read x, dout, weight, write dx and dweight. This schedule, scaled-weight route (H*W >= Cout): x read twice
-    forward (stats, GEMM) plus the scaled weight (B, Cout, C) written and read; backward: dout twice and x once in
-    the two GEMMs, dx written by the GEMM, the scaled weight's gradient written and read, x read and dx written by
-    kernel D, and the two dx added (autograd's accumulation). Gated route (H*W < Cout): gct_gate's schedule plus
-    the conv's (y written and read forward; dy written and read backward)."""
+    read x, dout, weight, write dx and dweight. This schedule, scaled-weight route (H*W >= Cout): forward reads x
+    twice (kernel A, conv) and writes + reads the scaled weight (B, Cout, C); backward: the conv's data gradient
+    reads dout and the scaled weight and writes dx_conv, its weight gradient reads dout and x and writes (B, Cout,
+    C), kernel D reads dx_conv and x and writes dx. Gated route (H*W < Cout): gct_gate's schedule plus the conv's
+    (y written and read forward; dy written and read backward)."""
     es = torch.empty((), dtype=dtype).element_size()
     ps = torch.empty((), dtype=param_dtype).element_size()
     n_x, n_out, n_w, n_bw = B * C * H * W * es, B * Cout * H * W * es, Cout * C * es, B * Cout * C * es
@@ -397,7 +447,7 @@ def gct_gate_conv1x1_bytes(B: int, C: int, H: int, W: int, Cout: int, dtype: tor
         fwd_s = 3 * n_x + (n_x + n_w + n_out) + p
         bwd_s = (2 * n_out + n_x + 2 * n_w + n_x) + 5 * n_x + 2 * p
     else:
-        fwd_s = 2 * n_x + n_w + 2 * n_bw + n_out + p
-        bwd_s = 2 * n_out + 2 * n_x + 2 * n_bw + 2 * n_x + 3 * n_x + n_w + 2 * p
+        fwd_s = 2 * n_x + 2 * n_bw + n_out + p
+        bwd_s = (2 * n_out + 2 * n_bw + n_x) + (n_x + n_bw) + 3 * n_x + n_w + 2 * p
     return {"forward": fwd, "forward_backward": fwd + bwd,
             "forward_schedule": fwd_s, "forward_backward_schedule": fwd_s + bwd_s}

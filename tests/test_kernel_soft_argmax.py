@@ -268,7 +268,13 @@ def test_gpu_fp32_forward_and_grads_match_ref(k, hh, ww, return_var):
     torch.testing.assert_close(outs[0], outs_ref[0], rtol=1e-5, atol=2e-3)
     if return_var:
         torch.testing.assert_close(outs[1], outs_ref[1], rtol=2e-4, atol=2e-3)
-    torch.testing.assert_close(dh, dh_ref, rtol=1e-3, atol=1e-5 * dh_ref.abs().max().item())
+    # dh against float64: over 2e5-pixel maps the fp32 reference itself is off by ~3e-4 of max|dh| where (u - x)
+    # cancels (measured on an H200), so the kernel must be as close to the float64 truth as the fp32 reference is
+    _, dh_gold = _run(_ref, h.double(), beta, return_var)
+    err_kernel, err_ref = _max_err(dh, dh_gold), _max_err(dh_ref, dh_gold)
+    assert err_kernel <= 2.0 * err_ref + 1e-6 * dh_gold.abs().max().item(), \
+        f"dh: kernel fp32 err {err_kernel:.3e} > 2 x reference fp32 err {err_ref:.3e}"
+    torch.testing.assert_close(dh, dh_ref, rtol=1e-2, atol=1e-3 * dh_ref.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -131,3 +131,26 @@ def test_codecs_soft_argmax_decode_finds_rendered_peaks():
     xy2, score = decode_heatmaps(hm, "softargmax", peak=255.0)
     torch.testing.assert_close(xy2, xy)
     assert score.min() > 0.9
+
+
+def test_fused_gate_conv_follows_autocast_like_the_plain_conv():
+    """Under bf16 autocast the fused path convolves in bf16 exactly where the reference's conv would, and its
+    gradients stay within bf16 rounding of the reference's."""
+    from kernels.gct_gate import gct_gate_conv1x1
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 7, requires_grad=True)
+    params = [(torch.rand(1, 8, 1, 1) + 0.5).requires_grad_() for _ in range(3)]
+    weight = torch.randn(3, 8, 1, 1, requires_grad=True)
+    results = {}
+    for impl in ("ref", "triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gct_gate_conv1x1(x, *params, weight, impl=impl)
+        grads = torch.autograd.grad(out.float().pow(2).sum(), [x, *params, weight])
+        results[impl] = (out, grads)
+    (out_r, grads_r), (out_t, grads_t) = results["ref"], results["triton"]
+    assert out_r.dtype == out_t.dtype == torch.bfloat16
+    # bf16 rounds x * g (reference) or W * g (fused) before the conv: ~2^-8 relative per term
+    assert (out_t.float() - out_r.float()).abs().max() <= 2e-2 * out_r.float().abs().max()
+    for g_t, g_r in zip(grads_t, grads_r):
+        assert g_t.dtype == g_r.dtype
+        assert (g_t - g_r).abs().max() <= 3e-2 * g_r.abs().max()
