@@ -125,7 +125,7 @@ def gct_conv_case(shape, dtype, device, compiled: bool):
     provs = {
         "eager": lambda *a: gct_gate_conv1x1_ref(*a),
         "triton gate + conv": lambda x_, a_, g_, b_, w_: F.conv2d(gct_gate(x_, a_, g_, b_, impl="triton"), w_),
-        "triton fused": lambda *a: gct_gate_conv1x1(*a, impl="triton"),
+        "triton fused": lambda *a: gct_gate_conv1x1(*a, impl="triton", route="fused"),
     }
     if compiled:
         provs["compile"] = torch.compile(gct_gate_conv1x1_ref, dynamic=False)

@@ -8,8 +8,8 @@ Maths (per sample b and channel c; x is (B, C, H, W); alpha, gamma, beta are (1,
     t[b,c]  = tanh(gamma[c] * e[b,c] * r[b] + beta[c])
     g[b,c]  = 1 + t[b,c]                               the gate, a per-sample per-channel gain in (0, 2)
     y       = x * g[b,c]
-Fused conv: out[b] = conv1x1(y, weight)[b] = (weight_OC * g[b][None, :]) @ x[b].reshape(C, HW), run as one grouped conv
-over the batch (groups = B) with the per-sample weight; the gated tensor y
+Fused conv: out[b] = conv1x1(y, weight)[b] = (weight_OC * g[b][None, :]) @ x[b].reshape(C, HW), one batched GEMM with
+the per-sample weight; the gated tensor y
 is never written, except on maps with H*W < Cout, where y is smaller than the scaled weight (B, Cout, C).
 
 Bytes (N = B*C*H*W elements of the input dtype; the (B, C) statistics and the parameters are negligible):
@@ -341,20 +341,18 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _scaled_weight(w_OC: torch.Tensor, t_BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample weight W * g[b] as a grouped-conv weight (B*Cout, C, 1, 1): the gate folded into the conv."""
-    B, C = t_BC.shape
-    w_BOC = w_OC.to(t_BC.dtype)[None] * (1.0 + t_BC)[:, None, :]
-    return w_BOC.to(dtype).reshape(B * w_OC.shape[0], C, 1, 1)
+    """Per-sample weight W * g[b], (B, Cout, C) in `dtype`: the gate folded into the GEMM."""
+    return (w_OC.to(t_BC.dtype)[None] * (1.0 + t_BC)[:, None, :]).to(dtype)
 
 
 class _GCTGateConv1x1Fn(torch.autograd.Function):
-    """out = conv1x1(x * g(x), W) as ONE grouped convolution over the batch with the per-sample weight W * g[b]
-    (groups = B): the gated tensor is never written. cuDNN runs the conv and its two backward GEMMs under the same
-    precision policy (TF32, autocast dtype) as the unfused conv would.
-        forward:  kernel A (S), kernel G (t, root), conv(x, W * g)
-        backward: dx_conv, dWg = conv backward; dW = sum_b dWg[b] * g[b]; dL/dg[b, c] = sum_o dWg[b, o, c] W[o, c];
-                  kernel H (dS, parameter grads); kernel D with t = 0: dx = dx_conv + 2 x dS (one pass, no separate
-                  autograd accumulation of the two x paths).
+    """out[b] = (W * g[b]) @ x[b] as one batched GEMM (cuBLAS bmm) with the per-sample scaled weight: the gated
+    tensor is never written.
+        forward:  kernel A (S), kernel G (t, root), out = bmm(W * g, x)
+        backward: dx_gemm = bmm((W * g)^T, dout); dWg = bmm(dout, x^T) (B, Cout, C); dW = sum_b dWg[b] * g[b];
+                  dL/dg[b, c] = sum_o dWg[b, o, c] W[o, c]; kernel H (dS, parameter grads); kernel D with t = 0:
+                  dx = dx_gemm + 2 x dS in one pass (no separate accumulation of the two paths into x).
+    The GEMMs run in `_conv_dtype(x)` (autocast's dtype when autocast is on), like the plain conv would.
     """
 
     @staticmethod
@@ -368,7 +366,7 @@ class _GCTGateConv1x1Fn(torch.autograd.Function):
         t_BC, root_B = _gate_fwd(S_BC, a_C, g_C, b_C, eps)
         cdt = _conv_dtype(x)
         w_OC = weight.reshape(weight.shape[0], C)
-        out = F.conv2d(x.to(cdt).reshape(1, B * C, H, W), _scaled_weight(w_OC, t_BC, cdt), groups=B)
+        out = torch.bmm(_scaled_weight(w_OC, t_BC, cdt), x.to(cdt).reshape(B, C, H * W))
         ctx.save_for_backward(x, S_BC, t_BC, root_B, a_C, g_C, weight)
         ctx.eps, ctx.block_hw, ctx.cdt = eps, block_hw, cdt
         ctx.param_meta = [(p.shape, p.dtype) for p in (alpha, gamma, beta)]
@@ -380,32 +378,46 @@ class _GCTGateConv1x1Fn(torch.autograd.Function):
         B, C, H, W = x.shape
         cout = weight.shape[0]
         w_OC = weight.reshape(cout, C)
-        wg = _scaled_weight(w_OC, t_BC, ctx.cdt)
-        dx_conv, dwg, _ = torch.ops.aten.convolution_backward(
-            dout.to(ctx.cdt).contiguous().reshape(1, B * cout, H, W), x.to(ctx.cdt).reshape(1, B * C, H, W), wg,
-            None, [1, 1], [0, 0], [1, 1], False, [0, 0], B, [ctx.needs_input_grad[0], True, False])
-        dwg_BOC = dwg.reshape(B, cout, C).to(S_BC.dtype)
+        dout_BOP = dout.to(ctx.cdt).reshape(B, cout, H * W)
+        x_BCP = x.to(ctx.cdt).reshape(B, C, H * W)
+        dwg_BOC = torch.bmm(dout_BOP, x_BCP.transpose(1, 2)).to(S_BC.dtype)
         dweight = (dwg_BOC * (1.0 + t_BC)[:, None, :]).sum(0).reshape(weight.shape).to(weight.dtype)
         dgate_BC = (dwg_BOC * w_OC.to(S_BC.dtype)[None]).sum(1)
         dS_BC, dp_3C = _gate_bwd(dgate_BC, S_BC, t_BC, root_B, a_C, g_C, ctx.eps)
         dx = None
         if ctx.needs_input_grad[0]:
-            # kernel D computes dy * (1 + t) + 2 x dS: with dy = dx_conv and t = 0 it adds the two x paths in one pass
-            dx = _grad_x(dx_conv.reshape(B, C, H, W), x, torch.zeros_like(t_BC), dS_BC, ctx.block_hw)
+            dx_gemm = torch.bmm(_scaled_weight(w_OC, t_BC, ctx.cdt).transpose(1, 2), dout_BOP)
+            # kernel D computes dy * (1 + t) + 2 x dS: with dy = dx_gemm and t = 0 it adds the two x paths in one pass
+            dx = _grad_x(dx_gemm.reshape(B, C, H, W), x, torch.zeros_like(t_BC), dS_BC, ctx.block_hw)
         dparams = [d.reshape(shape).to(dtype) for d, (shape, dtype) in zip(dp_3C, ctx.param_meta)]
         return (dx, *dparams, dweight, None, None)
 
 
+ROUTES = ("auto", "fused", "gated")
+
+
+def _route(x: torch.Tensor, HW: int, cout: int, route: str) -> str:
+    """auto: fused for 16-bit GEMMs (bf16/fp16 inputs or autocast), gated otherwise. An fp32 1x1 conv runs on
+    TF32 tensor cores by cuDNN's default, which an fp32 bmm does not (without changing a global flag): measured on
+    an H200, the fp32 fused bmm lost to gate + TF32 conv. Also gated where H*W < Cout (`_conv_gates_x`)."""
+    if route not in ROUTES:
+        raise ValueError(f"kernels/gct_gate: route must be one of {ROUTES}, got {route!r}")
+    if route != "auto":
+        return route
+    if _conv_gates_x(HW, cout) or _conv_dtype(x) not in (torch.float16, torch.bfloat16):
+        return "gated"
+    return "fused"
+
+
 def gct_gate_conv1x1(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                      weight: torch.Tensor, eps: float = 1e-5, impl: str = "auto",
-                     block_hw: int | None = None) -> torch.Tensor:
-    """conv1x1(gct_gate(x), weight) without writing the gated tensor: out[b] = (W * g[b]) @ x[b].
+                     block_hw: int | None = None, route: str = "auto") -> torch.Tensor:
+    """conv1x1(gct_gate(x), weight), values of gct_gate_conv1x1_ref.
 
-    Triton path: g (B, C) from kernels A and G, then one grouped cuDNN convolution (groups = B) with the per-sample
-    scaled weight (B*Cout, C, 1, 1); a custom backward folds both gradient paths into x with one pass of kernel D
-    (_GCTGateConv1x1Fn). When H*W < Cout (the deepest, smallest maps) the scaled weight would be larger than the
-    gated tensor, so that case gates x with the gct_gate kernels and runs the plain conv on the result
-    (`_conv_gates_x`).
+    Triton path, route "fused": g (B, C) from kernels A and G, then one cuBLAS bmm with the per-sample scaled weight
+    (B, Cout, C) — the gated tensor is never written — and a custom backward that folds both gradient paths into x
+    with one pass of kernel D (_GCTGateConv1x1Fn). Route "gated": the gct_gate kernels, then the plain conv. "auto"
+    picks per call (`_route`).
     """
     _check_x(x)
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or weight.shape[2:] != (1, 1):
@@ -413,7 +425,7 @@ def gct_gate_conv1x1(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, 
     if choose_impl("gct_gate_conv1x1", impl, x, alpha, gamma, beta, weight) == "ref" or x.numel() == 0:
         return gct_gate_conv1x1_ref(x, alpha, gamma, beta, weight, eps)
     B, C, H, W = x.shape
-    if _conv_gates_x(H * W, weight.shape[0]):
+    if _route(x, H * W, weight.shape[0], route) == "gated":
         y = _GCTGateFn.apply(x, alpha, gamma, beta, float(eps), block_hw)
         return F.conv2d(y, weight.to(y.dtype))          # like the fused route: the weight follows x's dtype
     return _GCTGateConv1x1Fn.apply(x, alpha, gamma, beta, weight, float(eps), block_hw)

@@ -27,8 +27,8 @@ from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import HAVE_TRITON, choose_impl, next_pow2, tl, triton
 
-_MAX_BLOCK = 1024            # pixels per block step: 4 warps x 8 fp32 per thread per accumulator
-_FWD_PROGRAMS_PER_SM = 4     # auto split aims at this many forward programs per SM
+_MAX_BLOCK = 4096            # pixels per block step (8 warps): the H200 sweep (benchmarks/results) favoured 4096
+_FWD_PROGRAMS_PER_SM = 24    # auto split aims at this many forward programs per SM (H200 sweep: 24 beat 4)
 _BWD_PROGRAMS_PER_SM = 8     # the backward has no reductions: more, shorter programs
 _MIN_BLOCKS_PER_CHUNK = 4    # a forward chunk shorter than this is not worth a partial state + merge
 _N_STATE = 6                 # partial state per (map, chunk): m, Z, mean_u, mean_v, M2_u, M2_v

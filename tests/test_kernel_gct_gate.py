@@ -89,12 +89,13 @@ def test_triton_gate_forward_and_grads_match_ref(shape, block_hw):
     _close(got, _run(gct_gate_ref, inputs), rtol=1e-4)
 
 
+@pytest.mark.parametrize("route", ["fused", "gated"])
 @pytest.mark.parametrize("shape,block_hw", CPU_CASES + [((2, 6, 2, 3), None)])
 @pytest.mark.parametrize("cout", [7, 1])
-def test_triton_conv1x1_forward_and_grads_match_ref(shape, block_hw, cout):
-    # (2, 6, 2, 3) with cout=7: H*W < Cout, the route that gates x instead of scaling the weight.
+def test_triton_conv1x1_forward_and_grads_match_ref(shape, block_hw, cout, route):
+    # (2, 6, 2, 3) with cout=7: H*W < Cout, where "auto" gates x instead of scaling the weight.
     inputs = [torch.randn(shape), *_params(shape[1]), torch.randn(cout, shape[1], 1, 1)]
-    got = _run(lambda *t: gct_gate_conv1x1(*t, impl="triton", block_hw=block_hw), inputs)
+    got = _run(lambda *t: gct_gate_conv1x1(*t, impl="triton", block_hw=block_hw, route=route), inputs)
     _close(got, _run(gct_gate_conv1x1_ref, inputs), rtol=1e-4)
 
 
@@ -133,7 +134,9 @@ def test_triton_paths_pass_gradcheck_in_float64():
     params = [p.requires_grad_() for p in _params(2, torch.float64)]
     w = torch.randn(2, 2, 1, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: gct_gate(*t, impl="triton", block_hw=8), (x, *params))
-    assert torch.autograd.gradcheck(lambda *t: gct_gate_conv1x1(*t, impl="triton", block_hw=8), (x, *params, w))
+    for route in ("fused", "gated"):
+        assert torch.autograd.gradcheck(lambda *t: gct_gate_conv1x1(*t, impl="triton", block_hw=8, route=route),
+                                        (x, *params, w))
 
 
 def test_triton_handles_noncontiguous_input():
@@ -230,6 +233,17 @@ def test_byte_counts_follow_the_schedules():
 
 def test_conv1x1_route_avoids_the_larger_intermediate():
     assert kg._conv_gates_x(6 * 8, 1536) and not kg._conv_gates_x(24 * 32, 48)
+
+
+def test_conv1x1_auto_route_fuses_16bit_gemms_only():
+    x32, x16 = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16)
+    assert kg._route(x32, 64, 2, "auto") == "gated" and kg._route(x16, 64, 2, "auto") == "fused"
+    assert kg._route(x16, 4, 8, "auto") == "gated"                       # H*W < Cout
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kg._route(x32, 64, 2, "auto") == "fused"
+    assert kg._route(x32, 64, 2, "fused") == "fused"
+    with pytest.raises(ValueError, match="route"):
+        kg._route(x32, 64, 2, "bogus")
 
 
 # ---------------------------------------------------------------- GPU: compiled kernels at realistic sizes
