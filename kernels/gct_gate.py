@@ -393,31 +393,28 @@ class _GCTGateConv1x1Fn(torch.autograd.Function):
         return (dx, *dparams, dweight, None, None)
 
 
-ROUTES = ("auto", "fused", "gated")
+ROUTES = ("gated", "fused")
 
 
-def _route(x: torch.Tensor, HW: int, cout: int, route: str) -> str:
-    """auto: fused for 16-bit GEMMs (bf16/fp16 inputs or autocast), gated otherwise. An fp32 1x1 conv runs on
-    TF32 tensor cores by cuDNN's default, which an fp32 bmm does not (without changing a global flag): measured on
-    an H200, the fp32 fused bmm lost to gate + TF32 conv. Also gated where H*W < Cout (`_conv_gates_x`)."""
+def _route(HW: int, cout: int, route: str) -> str:
+    """The route gct_gate_conv1x1 takes. "gated" (default): the gct_gate kernels write the gated tensor, then the
+    plain cuDNN conv — measured fastest on an H200 in fp32 and bf16 (benchmarks/results/kernels_h200_20261126.md).
+    "fused": one bmm with the per-sample scaled weight, the gated tensor never written; it still gates where
+    H*W < Cout (`_conv_gates_x`), since the scaled weight would then be larger than the gated tensor."""
     if route not in ROUTES:
         raise ValueError(f"kernels/gct_gate: route must be one of {ROUTES}, got {route!r}")
-    if route != "auto":
-        return route
-    if _conv_gates_x(HW, cout) or _conv_dtype(x) not in (torch.float16, torch.bfloat16):
-        return "gated"
-    return "fused"
+    return "gated" if route == "gated" or _conv_gates_x(HW, cout) else "fused"
 
 
 def gct_gate_conv1x1(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                      weight: torch.Tensor, eps: float = 1e-5, impl: str = "auto",
-                     block_hw: int | None = None, route: str = "auto") -> torch.Tensor:
+                     block_hw: int | None = None, route: str = "gated") -> torch.Tensor:
     """conv1x1(gct_gate(x), weight), values of gct_gate_conv1x1_ref.
 
     Triton path, route "fused": g (B, C) from kernels A and G, then one cuBLAS bmm with the per-sample scaled weight
     (B, Cout, C) — the gated tensor is never written — and a custom backward that folds both gradient paths into x
-    with one pass of kernel D (_GCTGateConv1x1Fn). Route "gated": the gct_gate kernels, then the plain conv. "auto"
-    picks per call (`_route`).
+    with one pass of kernel D (_GCTGateConv1x1Fn). Route "gated" (default, faster on an H200): the gct_gate kernels,
+    then the plain conv (`_route`).
     """
     _check_x(x)
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or weight.shape[2:] != (1, 1):
@@ -425,7 +422,7 @@ def gct_gate_conv1x1(x: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor, 
     if choose_impl("gct_gate_conv1x1", impl, x, alpha, gamma, beta, weight) == "ref" or x.numel() == 0:
         return gct_gate_conv1x1_ref(x, alpha, gamma, beta, weight, eps)
     B, C, H, W = x.shape
-    if _route(x, H * W, weight.shape[0], route) == "gated":
+    if _route(H * W, weight.shape[0], route) == "gated":
         y = _GCTGateFn.apply(x, alpha, gamma, beta, float(eps), block_hw)
         return F.conv2d(y, weight.to(y.dtype))          # like the fused route: the weight follows x's dtype
     return _GCTGateConv1x1Fn.apply(x, alpha, gamma, beta, weight, float(eps), block_hw)

@@ -88,7 +88,7 @@ class MultiHipPoseNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 8, num_keypoints: int = 6, num_experts: int = 3,
                  expert_depth: int = 50, width: int = 64, decoder_width: int | None = None, fusion: str = "per_task",
                  galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32, gct_eps: float = 1e-5,
-                 decoder_norm: str = "none", gct_fused: bool = True):
+                 decoder_norm: str = "none", gct_fused: bool = False):
         super().__init__()
         _check_args(num_classes, num_keypoints, num_experts, fusion, galm)
         if decoder_norm not in DECODER_NORMS:
@@ -162,7 +162,7 @@ def _check_args(num_classes: int, num_keypoints: int, num_experts: int, fusion: 
 def build_multihipposenet(in_channels: int = 3, num_classes: int = 8, num_keypoints: int = 6, num_experts: int = 3,
                           expert_depth: int = 50, width: int = 64, decoder_width: int | None = None,
                           fusion: str = "per_task", galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32,
-                          gct_eps: float = 1e-5, decoder_norm: str = "none", gct_fused: bool = True
+                          gct_eps: float = 1e-5, decoder_norm: str = "none", gct_fused: bool = False
                           ) -> MultiHipPoseNet:
     """Config-friendly builder (plain values only); see MultiHipPoseNet and SEEDS.md §1."""
     return MultiHipPoseNet(in_channels=in_channels, num_classes=num_classes, num_keypoints=num_keypoints,
