@@ -154,3 +154,16 @@ def test_fused_gate_conv_follows_autocast_like_the_plain_conv():
     for g_t, g_r in zip(grads_t, grads_r):
         assert g_t.dtype == g_r.dtype
         assert (g_t - g_r).abs().max() <= 3e-2 * g_r.abs().max()
+
+
+def test_loader_skips_targets_when_the_device_renders_them():
+    from engine.config import DataConfig
+    from data_pipelines.heatmaps import heatmap_item, render_heatmaps
+    from data_pipelines.task_data import loader_heatmap_impl
+    assert loader_heatmap_impl(DataConfig(targets="device")) == "none"
+    assert loader_heatmap_impl(DataConfig(targets="loader")) == "numba"
+    assert loader_heatmap_impl(DataConfig(targets="auto")) == "numba"      # unresolved: the loader renders
+    kpts, vis = np.array([[3.0, 4.0]]), np.array([True])
+    assert render_heatmaps(kpts, vis, (8, 8), 1.0, impl="none") is None and heatmap_item(None) == {}
+    item = heatmap_item(render_heatmaps(kpts, vis, (8, 8), 1.0, impl="numba"))
+    assert item["heatmap_KHW"].shape == (1, 8, 8) and float(item["heatmap_KHW"][0, 4, 3]) == 255.0

@@ -9,7 +9,7 @@ import torch
 
 from _dist_utils import REPO, torchrun
 from engine.config import load_config
-from engine.run import resolve_config, train
+from engine.run import resolve_config, resolve_targets, train
 
 TINY = [
     "data.synth_n=40", "data.synth_image_hw=[96, 128]", "data.input_hw=[64, 96]", "data.sigma_px=1.5",
@@ -60,8 +60,25 @@ def test_tiny_run_learns_and_writes_report(tmp_path, phantom_root):
     assert len(list((tmp_path / "figures" / "overlays").glob("*.png"))) == 2
     assert result["step"] == 60 and result["best_step"] in (30, 60)
     saved = load_config(tmp_path / "config.yaml")
-    assert saved == resolve_config(cfg)  # the saved config is the resolved one (format, best metric filled in)
+    # the saved config is the resolved one (format, best metric, where targets are rendered: filled in)
+    assert saved == resolve_targets(resolve_config(cfg), torch.device("cpu"))
     assert saved.data.format == "labelme" and saved.train.best_metric == "alpha_mae_deg"
+    assert saved.data.targets == "loader"              # CPU training: the loader renders the heatmap targets
+
+
+def test_targets_rendered_on_the_device_train_like_loader_targets(tmp_path, phantom_root):
+    """data.targets=device: the loader renders nothing and the loss renders the targets from the keypoints; the
+    losses match a run whose loader rendered them (same values by definition, data_pipelines/heatmaps.py)."""
+    common = ["train.max_steps=4", "train.log_every=1", "train.eval_every=0", "optim.lr=2e-3"]
+    runs = {}
+    for where in ("loader", "device"):
+        run_dir = tmp_path / where
+        train(_cfg(run_dir, phantom_root, *common, f"data.targets={where}"), final_test=False)
+        runs[where] = _train_losses(run_dir)
+        assert load_config(run_dir / "config.yaml").data.targets == where
+    assert sorted(runs["device"]) == [1, 2, 3, 4]
+    for step, loss in runs["loader"].items():
+        assert math.isclose(runs["device"][step], loss, rel_tol=1e-4), (step, runs)
 
 
 def test_untrained_model_fails_the_bounds(tmp_path, phantom_root):
