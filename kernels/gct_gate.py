@@ -278,8 +278,9 @@ def _stat_dtype(x: torch.Tensor, *params: torch.Tensor) -> torch.dtype:
     return dt
 
 
-def _gate_stats(ctx, x, alpha, gamma, beta, eps, block_hw):
-    """Shared forward of both Functions: contiguous x, S (kernel A), t and root (kernel G); saves for backward."""
+def _gate_stats(ctx, x, alpha, gamma, beta, eps, block_hw, *extra_saved):
+    """Shared forward of both Functions: contiguous x, S (kernel A), t and root (kernel G); saves them for backward
+    (x, S, t, root, alpha, gamma as vectors, then `extra_saved`)."""
     C = x.shape[1]
     x = x.contiguous()
     dt = _stat_dtype(x, alpha, gamma, beta)
@@ -287,7 +288,7 @@ def _gate_stats(ctx, x, alpha, gamma, beta, eps, block_hw):
                      for p, n in ((alpha, "alpha"), (gamma, "gamma"), (beta, "beta")))
     S_BC = _rowdot(x, None, dt, block_hw)
     t_BC, root_B = _gate_fwd(S_BC, a_C, g_C, b_C, eps)
-    ctx.save_for_backward(x, S_BC, t_BC, root_B, a_C, g_C)
+    ctx.save_for_backward(x, S_BC, t_BC, root_B, a_C, g_C, *extra_saved)
     ctx.eps, ctx.block_hw = eps, block_hw
     ctx.param_meta = [(p.shape, p.dtype) for p in (alpha, gamma, beta)]
     return x, t_BC
@@ -358,18 +359,10 @@ class _GCTGateConv1x1Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, gamma, beta, weight, eps, block_hw):
         B, C, H, W = x.shape
-        x = x.contiguous()
-        dt = _stat_dtype(x, alpha, gamma, beta)
-        a_C, g_C, b_C = (_as_vec(p, C, n).to(dt).contiguous()
-                         for p, n in ((alpha, "alpha"), (gamma, "gamma"), (beta, "beta")))
-        S_BC = _rowdot(x, None, dt, block_hw)
-        t_BC, root_B = _gate_fwd(S_BC, a_C, g_C, b_C, eps)
-        cdt = _conv_dtype(x)
+        x, t_BC = _gate_stats(ctx, x, alpha, gamma, beta, eps, block_hw, weight)
+        ctx.cdt = _conv_dtype(x)
         w_OC = weight.reshape(weight.shape[0], C)
-        out = torch.bmm(_scaled_weight(w_OC, t_BC, cdt), x.to(cdt).reshape(B, C, H * W))
-        ctx.save_for_backward(x, S_BC, t_BC, root_B, a_C, g_C, weight)
-        ctx.eps, ctx.block_hw, ctx.cdt = eps, block_hw, cdt
-        ctx.param_meta = [(p.shape, p.dtype) for p in (alpha, gamma, beta)]
+        out = torch.bmm(_scaled_weight(w_OC, t_BC, ctx.cdt), x.to(ctx.cdt).reshape(B, C, H * W))
         return out.reshape(B, weight.shape[0], H, W)
 
     @staticmethod
