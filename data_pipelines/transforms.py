@@ -42,6 +42,44 @@ def letterbox_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.nda
                      [0.0, 0.0, 1.0]])
 
 
+@dataclass(frozen=True)
+class AffineDraw:
+    """One sample's augmentation parameters: the matrix is a pure function of these (affine_from_draw), so the
+    torch path and the DALI path (data_pipelines/dali_affine.py, fn.transforms.*) build the same matrix."""
+    flipped: bool
+    angle_deg: float
+    scale: float
+    shear_deg: float
+    tx: float
+    ty: float
+
+
+def draw_affine(rng: np.random.Generator, hw: tuple[int, int], rotation_deg: float = 10.0,
+                scale_range: tuple[float, float] = (0.9, 1.1), translate_frac: float = 0.05,
+                shear_deg: float = 0.0, flip_p: float = 0.0) -> AffineDraw:
+    """The random draws of random_affine_matrix, in its fixed order (flip, angle, scale, shear, tx, ty)."""
+    h, w = hw
+    flipped = bool(rng.random() < flip_p)
+    angle = rng.uniform(-rotation_deg, rotation_deg)
+    scale = rng.uniform(scale_range[0], scale_range[1])
+    shear = rng.uniform(-shear_deg, shear_deg)
+    tx, ty = rng.uniform(-1.0, 1.0, size=2) * translate_frac * np.array([w, h])
+    return AffineDraw(flipped, float(angle), float(scale), float(shear), float(tx), float(ty))
+
+
+def affine_from_draw(hw: tuple[int, int], d: AffineDraw) -> np.ndarray:
+    """M = T(c + t) R(theta) Sh(phi) S(s) Flip T(-c) about the frame centre c = ((W-1)/2, (H-1)/2)."""
+    h, w = hw
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    theta, shear = math.radians(d.angle_deg), math.radians(d.shear_deg)
+    cos, sin = math.cos(theta), math.sin(theta)
+    rot = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
+    shr = np.array([[1.0, math.tan(shear), 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    scl = np.diag([d.scale, d.scale, 1.0])
+    flp = np.diag([-1.0 if d.flipped else 1.0, 1.0, 1.0])
+    return translation_matrix(cx + d.tx, cy + d.ty) @ rot @ shr @ scl @ flp @ translation_matrix(-cx, -cy)
+
+
 def random_affine_matrix(rng: np.random.Generator, hw: tuple[int, int], rotation_deg: float = 10.0,
                          scale_range: tuple[float, float] = (0.9, 1.1), translate_frac: float = 0.05,
                          shear_deg: float = 0.0, flip_p: float = 0.0) -> tuple[np.ndarray, bool]:
@@ -52,20 +90,8 @@ def random_affine_matrix(rng: np.random.Generator, hw: tuple[int, int], rotation
     flip_p. The draws are made in a fixed order (flip, angle, scale, shear, tx, ty) so one seed gives one matrix.
     Returns (M, flipped).
     """
-    h, w = hw
-    flipped = bool(rng.random() < flip_p)
-    theta = math.radians(rng.uniform(-rotation_deg, rotation_deg))
-    scale = rng.uniform(scale_range[0], scale_range[1])
-    shear = math.radians(rng.uniform(-shear_deg, shear_deg))
-    tx, ty = rng.uniform(-1.0, 1.0, size=2) * translate_frac * np.array([w, h])
-    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-    cos, sin = math.cos(theta), math.sin(theta)
-    rot = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
-    shr = np.array([[1.0, math.tan(shear), 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    scl = np.diag([scale, scale, 1.0])
-    flp = np.diag([-1.0 if flipped else 1.0, 1.0, 1.0])
-    m = translation_matrix(cx + tx, cy + ty) @ rot @ shr @ scl @ flp @ translation_matrix(-cx, -cy)
-    return m, flipped
+    d = draw_affine(rng, hw, rotation_deg, scale_range, translate_frac, shear_deg, flip_p)
+    return affine_from_draw(hw, d), d.flipped
 
 
 def _normaliser(hw: tuple[int, int]) -> np.ndarray:
