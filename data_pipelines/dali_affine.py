@@ -88,7 +88,8 @@ class DaliWarper:
     """Warps batches with a DALI pipeline (CPU-only when device_id is None).
 
     run(images_HWC float32 [0, 1], masks_HW uint8, points_K2, matrices 3x3 (or letterbox matrices with `draws`))
-    -> (images (N, H', W', C) float32, masks (N, H', W') uint8, points (N, K, 2) float32, matrices (N, 2, 3)).
+    -> (images (N, H', W', C) float32, masks (N, H', W') uint8, points (N, K, 2) float32, matrices (N, 2, 3)) for
+    a batch of N <= batch_size samples (a smaller last batch is fed as it is).
     """
 
     def __init__(self, out_hw: tuple[int, int], batch_size: int, pad_value: float = 0.5, from_draws: bool = False,
@@ -104,9 +105,9 @@ class DaliWarper:
             matrices: Sequence[np.ndarray], draws: Sequence[AffineDraw] | None = None,
             frame_hw: tuple[int, int] | None = None):
         n = len(images)
-        if not (len(masks) == len(points) == len(matrices) == n == self.batch_size):
-            raise ValueError(f"{WHERE}: a batch needs {self.batch_size} images, masks, point sets and matrices; got "
-                             f"{n}, {len(masks)}, {len(points)}, {len(matrices)}")
+        if not (len(masks) == len(points) == len(matrices) == n) or not 1 <= n <= self.batch_size:
+            raise ValueError(f"{WHERE}: a batch needs 1 to {self.batch_size} images, masks, point sets and matrices "
+                             f"(as many of each); got {n}, {len(masks)}, {len(points)}, {len(matrices)}")
         if self.from_draws and (draws is None or len(draws) != n or frame_hw is None):
             raise ValueError(f"{WHERE}: a pipeline built from draws needs one AffineDraw per sample and frame_hw")
         self.pipe.feed_input("image", [np.ascontiguousarray(i, dtype=np.float32) for i in images])

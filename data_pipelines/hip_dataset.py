@@ -26,9 +26,9 @@ from torch.utils.data import Dataset
 from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
-from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
-                                       points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
-                                       warp_points)
+from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
+                                       augment_intensity, draw_affine, letterbox_matrix, points_in_frame,
+                                       sampling_grid, warp_image, warp_mask, warp_points)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,23 @@ PAD_VALUE = 128.0 / 255.0
 DEFAULT_SPACING_MM = (0.2, 0.2)
 _PATIENT_VIEW = re.compile(r"^(?P<patient>.+)_(?P<view>\d+)$")
 _LEADING_INT = re.compile(r"^(\d+)")
+
+
+@dataclass
+class Prepared:
+    """A sample before the warp (HipDataset.prepare): original-frame image (C, H, W) float [0, 1] after intensity
+    augmentation, mask, landmarks, the letterbox matrix, the full matrix M and the augmentation draw (None without
+    augmentation); `scale` = input pixels per original pixel."""
+    index: int
+    orig_hw: tuple[int, int]
+    image_CHW: np.ndarray
+    mask_HW: np.ndarray
+    kpts_px_K2: np.ndarray
+    kpts_visible_K: np.ndarray
+    letterbox: np.ndarray
+    m: np.ndarray
+    scale: float
+    draw: AffineDraw | None
 
 
 @dataclass
@@ -212,26 +229,42 @@ class HipDataset(Dataset):
         return naming_file(self.json_paths[i], self._load, i, epoch)
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
+        prep = self.prepare(i, epoch)
+        grid = sampling_grid(prep.m, prep.orig_hw, self.input_hw)
+        image_CHW = warp_image(prep.image_CHW, prep.m, self.input_hw, pad_value=PAD_VALUE, grid=grid)
+        mask_HW = warp_mask(prep.mask_HW, prep.m, self.input_hw, grid=grid)
+        return self.finish(prep, image_CHW, mask_HW, warp_points(prep.kpts_px_K2, prep.m))
+
+    def prepare(self, i: int, epoch: int) -> "Prepared":
+        """Everything of sample i in epoch `epoch` before the warp: the decoded original (intensity-augmented, float
+        [0, 1]), the matrix M = augment o letterbox and the draw it came from. The torch path warps with
+        transforms.warp_*, the DALI path (data_pipelines/dali_hip.py) with fn.warp_affine; both then call finish()."""
         dec = self._cache[i] if self._cache is not None else self._decode(self.json_paths[i])
         orig_hw = dec.mask_HW.shape
-        m = letterbox_matrix(orig_hw, self.input_hw)
-        scale = m[0, 0]
+        letterbox = letterbox_matrix(orig_hw, self.input_hw)
+        m, scale, draw = letterbox, letterbox[0, 0], None
         image = dec.image_CHW.astype(np.float32) * np.float32(1.0 / 255.0)
-        flipped = False
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, i])
             a = self.augment
-            m_aug, flipped = random_affine_matrix(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac,
-                                                  a.shear_deg, a.flip_p)
-            m = m_aug @ m
+            draw = draw_affine(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac, a.shear_deg,
+                               a.flip_p)
+            m_aug = affine_from_draw(self.input_hw, draw)
+            m = m_aug @ letterbox
             scale *= float(np.sqrt(abs(np.linalg.det(m_aug[:2, :2]))))
             image = augment_intensity(image, rng, a)
-        grid = sampling_grid(m, orig_hw, self.input_hw)
-        image_CHW = warp_image(image, m, self.input_hw, pad_value=PAD_VALUE, grid=grid)
+        return Prepared(i, tuple(orig_hw), image, dec.mask_HW, dec.kpts_px_K2, dec.kpts_visible_K, letterbox, m,
+                        float(scale), draw)
+
+    def finish(self, prep: "Prepared", image_CHW: torch.Tensor, mask_HW: torch.Tensor,
+               kpts_K2: np.ndarray) -> dict[str, Any]:
+        """The sample dict from the warped image (C, H', W') float, mask (H', W') int and landmarks (K, 2)."""
+        i = prep.index
         if image_CHW.shape[0] == 1:
             image_CHW = image_CHW.expand(3, -1, -1).contiguous()     # grey replicated to RGB (SEEDS.md §1 input)
-        kpts = warp_points(dec.kpts_px_K2, m)
-        visible = dec.kpts_visible_K & points_in_frame(kpts, self.input_hw)
+        kpts = np.asarray(kpts_K2, dtype=np.float64)
+        visible = prep.kpts_visible_K & points_in_frame(kpts, self.input_hw)
+        flipped = prep.draw is not None and prep.draw.flipped
         if flipped and self.augment.flip_pairs:
             kpts, visible = apply_flip_pairs(kpts, visible, self.augment.flip_pairs)
         kpts = kpts.astype(np.float32)      # out-of-frame points keep their coordinates; visible says False
@@ -240,13 +273,14 @@ class HipDataset(Dataset):
         info = self._info[i]
         return {
             "image_CHW": image_CHW,
-            "mask_HW": warp_mask(dec.mask_HW, m, self.input_hw, grid=grid),
+            "mask_HW": torch.as_tensor(mask_HW).to(torch.int64),
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(visible),
             **heatmap_item(heatmap),
             # mm per input pixel: exact for the letterbox and for a similarity augmentation of isotropic spacing
-            "spacing_mm_2": torch.from_numpy((info["spacing_mm"] / scale).astype(np.float32)),
+            "spacing_mm_2": torch.from_numpy((info["spacing_mm"] / prep.scale).astype(np.float32)),
             "meta": {"index": i, "id": info["id"], "json": str(self.json_paths[i]),
-                     "image": self._image_paths[self.json_paths[i]], "patient_id": info["patient_id"], "hip_type": info["hip_type"], "orig_hw": tuple(orig_hw),
-                     "to_input_3x3": m.tolist(), "flipped": flipped},
+                     "image": self._image_paths[self.json_paths[i]], "patient_id": info["patient_id"],
+                     "hip_type": info["hip_type"], "orig_hw": prep.orig_hw, "to_input_3x3": prep.m.tolist(),
+                     "flipped": flipped},
         }

@@ -74,9 +74,12 @@ def test_fn_transforms_chain_builds_the_torch_matrix_from_the_same_draws():
 
 def test_warper_rejects_a_batch_of_the_wrong_size():
     from data_pipelines.dali_affine import DaliWarper
+    images, masks, points = _samples(3)
+    warper = DaliWarper(OUT_HW, batch_size=2)
+    with pytest.raises(ValueError, match="a batch needs 1 to 2"):
+        warper.run(images, masks, points, [np.eye(3)] * 3)
+    with pytest.raises(ValueError, match="as many of each"):
+        warper.run(images[:2], masks[:2], points[:1], [np.eye(3)] * 2)
     images, masks, points = _samples(2)
-    warper = DaliWarper(OUT_HW, batch_size=3)
-    with pytest.raises(ValueError, match="a batch needs 3"):
-        warper.run(images, masks, points, [np.eye(3)] * 2)
     with pytest.raises(ValueError, match="AffineDraw"):
         DaliWarper(OUT_HW, batch_size=2, from_draws=True).run(images, masks, points, [np.eye(3)] * 2)
