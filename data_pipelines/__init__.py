@@ -31,7 +31,7 @@ READERS = {"labelme": build_hip_data, "xray_csv": build_xray_csv_data, "nifti": 
 PREDICT_INPUTS = {"labelme": load_labelme_for_predict, "xray_csv": load_xray_for_predict,
                   "nifti": load_nifti_for_predict, "hc18": load_hc18_for_predict, "coco": load_coco_for_predict}
 # data.loader -> the implementation that serves the readers' samples (the torch DataLoader path today)
-LOADERS = {"torch": READERS}
+LOADERS = {"torch": READERS, "dali": READERS}   # same readers; data_pipelines/loaders.py batches
 
 __all__ = [
     "LOADERS", "READERS", "PREDICT_INPUTS", "build_hip_data", "build_xray_csv_data", "build_nifti_data", "build_hc18_data",

@@ -78,8 +78,9 @@ class DataConfig:
     """Keep decoded originals in memory (small datasets)."""
     skip_bad: bool = False
     """Skip unreadable / malformed samples (counted and logged) instead of stopping with an error."""
-    loader: Literal["torch"] = "torch"
-    """Data loader implementation."""
+    loader: Literal["torch", "dali"] = "torch"
+    """Batch source: torch (DataLoader workers) or dali (NVIDIA DALI warps image, mask and landmarks; labelme hip
+    reader only so far, CPU-only pipelines so far; needs nvidia-dali-cuda130 and data.targets=device or auto)."""
 
     def __post_init__(self):
         for n in self.input_hw:

@@ -11,9 +11,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data_pipelines.batch import collate_samples
+from data_pipelines.loaders import make_batches
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.transforms import warp_image, warp_points
 
@@ -57,7 +57,8 @@ def sample_prediction(outputs: dict[str, torch.Tensor], preds: dict[str, torch.T
 @torch.no_grad()
 def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable, accumulator,
                      criterion: nn.Module | None = None, batch_size: int = 4, num_workers: int = 0,
-                     gather_records: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                     gather_records: bool = False, loader_kind: str = "torch"
+                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked).
     `accumulator` is the task's (engine/tasks/base.py): update_sample / state / load_state / compute / records."""
     info = strategy.info
@@ -67,8 +68,7 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Ca
         criterion.eval()
     sampler = ShardedSampler(len(dataset), info.rank, info.world_size, shuffle=False, drop_last=False,
                              batch_size=batch_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_samples)
+    loader = make_batches(dataset, batch_size, sampler, loader_kind, num_workers)
     acc = accumulator
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample loss, count)
     for batch in loader:

@@ -78,11 +78,14 @@ def build_data(cfg: Config, run_dir: Path, strategy) -> dict[str, Any]:
 
 
 def resolve_targets(cfg: Config, device: torch.device) -> Config:
-    """data.targets=auto -> device when training on CUDA (the loader then skips heatmap rendering and the loss renders
-    the targets with the Triton kernel), else loader."""
+    """data.targets=auto -> device when training on CUDA or with the DALI loader (the loader then skips heatmap
+    rendering and the loss renders the targets, with the Triton kernel on a GPU), else loader."""
+    if cfg.data.loader == "dali" and cfg.data.targets == "loader":
+        raise ConfigError("data.targets=loader: the DALI loader renders no heatmap targets; use data.targets=device "
+                          "(or auto) with data.loader=dali")
     if cfg.data.targets != "auto":
         return cfg
-    where = "device" if torch.device(device).type == "cuda" else "loader"
+    where = "device" if torch.device(device).type == "cuda" or cfg.data.loader == "dali" else "loader"
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, targets=where))
 
 
@@ -212,7 +215,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
 
 def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
     return evaluate_dataset(model, data[split], strategy, task.decoder(cfg), task.accumulator(cfg, data), criterion,
-                            cfg.train.batch_size, num_workers=cfg.eval.num_workers, gather_records=gather_records)
+                            cfg.train.batch_size, num_workers=cfg.eval.num_workers, gather_records=gather_records,
+                            loader_kind=cfg.data.loader)
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | None = None):

@@ -14,9 +14,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.batch import Batch
+from data_pipelines.loaders import make_batches
 from data_pipelines.sampler import ShardedSampler
 
 from .checkpoint import (capture_rng, checkpoint_path, find_latest, prune_checkpoints, restore_rng,
@@ -82,10 +83,10 @@ class Trainer:
             self.sampler.set_start(self.pos.consumed * tc.batch_size)
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.pos.epoch)
-            loader = DataLoader(self.train_set, batch_size=tc.batch_size, sampler=self.sampler,
-                                num_workers=dc.num_workers, collate_fn=collate_samples, drop_last=True,
-                                pin_memory=self.info.device.type == "cuda", worker_init_fn=_seed_worker,
-                                persistent_workers=False)
+            loader = make_batches(self.train_set, tc.batch_size, self.sampler, dc.loader, dc.num_workers,
+                                  pin_memory=self.info.device.type == "cuda", worker_init_fn=_seed_worker)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.pos.epoch)
             for batch in loader:
                 self.pos.consumed += 1
                 yield batch

@@ -71,3 +71,13 @@ def test_dali_evaluation_shards_see_every_sample_once(files):
         assert len(batches) == len(sampler.shard()) // 2 + len(sampler.shard()) % 2
         seen += [m["index"] for b in batches for m in b.meta]
     assert sorted(seen) == list(range(len(ds)))                         # 7 samples: 4 + 3, the last batch of 1
+
+
+def test_make_batches_names_the_reader_without_a_dali_path():
+    from data_pipelines.loaders import make_batches
+    plain = torch.utils.data.TensorDataset(torch.zeros(4, 1))
+    sampler = ShardedSampler(4, shuffle=False, drop_last=False, batch_size=2)
+    with pytest.raises(ValueError, match="TensorDataset reader has no DALI path"):
+        make_batches(plain, 2, sampler, "dali")
+    with pytest.raises(ValueError, match="unknown loader 'bogus'"):
+        make_batches(plain, 2, sampler, "bogus")

@@ -81,6 +81,29 @@ def test_targets_rendered_on_the_device_train_like_loader_targets(tmp_path, phan
         assert math.isclose(runs["device"][step], loss, rel_tol=1e-4), (step, runs)
 
 
+@pytest.mark.dali
+def test_dali_loader_trains_like_the_torch_loader(tmp_path, phantom_root):
+    """data.loader=dali (DALI warps, CPU-only pipeline): the same losses as the torch loader on the same draws, and
+    a held-out report from DALI-fed evaluation."""
+    common = ["train.max_steps=4", "train.log_every=1", "train.eval_every=0", "optim.lr=2e-3", "data.targets=device"]
+    runs = {}
+    for loader in ("torch", "dali"):
+        run_dir = tmp_path / loader
+        train(_cfg(run_dir, phantom_root, *common, f"data.loader={loader}"), final_test=loader == "dali")
+        runs[loader] = _train_losses(run_dir)
+    assert sorted(runs["dali"]) == [1, 2, 3, 4]
+    for step, loss in runs["torch"].items():
+        assert math.isclose(runs["dali"][step], loss, rel_tol=2e-3), (step, runs)
+    report = json.loads((tmp_path / "dali" / "report.json").read_text())
+    assert report["landmark_mre_px"] is not None and report["seg_miou"] is not None
+
+
+def test_dali_loader_refuses_loader_rendered_targets(tmp_path, phantom_root):
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match="data.targets=loader"):
+        train(_cfg(tmp_path, phantom_root, "train.max_steps=1", "data.loader=dali", "data.targets=loader"))
+
+
 def test_untrained_model_fails_the_bounds(tmp_path, phantom_root):
     cfg = _cfg(tmp_path, phantom_root, "train.max_steps=1", "optim.lr=1e-9", "train.eval_every=0")
     train(cfg)
