@@ -29,6 +29,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "dali": ["nvidia-dali-cuda130>=2.0"],
+        "cv2": ["opencv-python-headless>=4.5"],
         "deepspeed": ["deepspeed>=0.14"],
         "vision": ["torchvision>=0.19", "timm>=1.0"],
         "dev": ["pytest>=8", "pytest-benchmark>=5"],

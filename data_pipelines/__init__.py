@@ -30,11 +30,13 @@ READERS = {"labelme": build_hip_data, "xray_csv": build_xray_csv_data, "nifti": 
 # data.format -> load_for_predict(path, data_cfg) -> one preprocessed input of `medpose predict`
 PREDICT_INPUTS = {"labelme": load_labelme_for_predict, "xray_csv": load_xray_for_predict,
                   "nifti": load_nifti_for_predict, "hc18": load_hc18_for_predict, "coco": load_coco_for_predict}
-# data.loader -> the implementation that serves the readers' samples (the torch DataLoader path today)
-LOADERS = {"torch": READERS, "dali": READERS}   # same readers; data_pipelines/loaders.py batches
+# data.loader -> the readers it serves (data_pipelines/loaders.py makes the batches); the DALI loader needs the
+# reader's dataset.dali_source() (dali_hip.py, dali_xray.py, dali_hc18.py)
+DALI_FORMATS = ("labelme", "xray_csv", "hc18")
+LOADERS = {"torch": READERS, "dali": {k: v for k, v in READERS.items() if k in DALI_FORMATS}}
 
 __all__ = [
-    "LOADERS", "READERS", "PREDICT_INPUTS", "build_hip_data", "build_xray_csv_data", "build_nifti_data", "build_hc18_data",
+    "LOADERS", "DALI_FORMATS", "READERS", "PREDICT_INPUTS", "build_hip_data", "build_xray_csv_data", "build_nifti_data", "build_hc18_data",
     "build_coco_data", "dataset_to_coco", "export_coco",
     "Batch", "collate_samples", "DataError",
     "render_heatmaps", "render_heatmaps_numba", "render_heatmaps_numpy",

@@ -39,6 +39,14 @@ class Batch:
         return Batch(mv(self.image_BCHW), mv(self.kpts_px_BK2), mv(self.kpts_visible_BK),
                      mv(self.spacing_mm_B2), mv(self.mask_BHW), mv(self.heatmap_BKHW), self.meta)
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies of the CPU tensors (DataLoader(pin_memory=True) calls this), so that
+        .to("cuda", non_blocking=True) is an asynchronous copy."""
+        def pin(t):
+            return t if t is None or t.device.type != "cpu" else t.pin_memory()
+        return Batch(pin(self.image_BCHW), pin(self.kpts_px_BK2), pin(self.kpts_visible_BK), pin(self.spacing_mm_B2),
+                     pin(self.mask_BHW), pin(self.heatmap_BKHW), self.meta)
+
     def targets(self) -> dict[str, torch.Tensor]:
         """What losses read: everything but the image and meta."""
         out = {"kpts_px_BK2": self.kpts_px_BK2, "kpts_visible_BK": self.kpts_visible_BK}

@@ -1,69 +1,128 @@
-"""Batches of the hip-ultrasound dataset with the geometric warps done by DALI (issue 5, first stage).
+"""The hip-ultrasound (labelme) reader on the DALI loader (data_pipelines/dali_pipeline.py).
 
-Per batch: the dataset prepares each sample exactly as its torch path does (HipDataset.prepare: decode, the
-(seed, epoch, index) draws, intensity augmentation on the original), DALI builds each sample's matrix from the draw
-with fn.transforms.* and warps image (linear), mask (nearest) and landmarks (fn.coord_transform) in one pipeline
-(data_pipelines/dali_affine.py), and HipDataset.finish makes the same sample dicts, collated into the same Batch. No
-heatmaps are rendered here: the DALI path is meant for data.targets=device (the loss renders them on the GPU).
+Host work per sample is small: the image file's bytes (read, not decoded), the annotation (JSON parsed and the
+polygons rasterised once per file, then cached in this process: one uint8 mask per file), and the (seed, epoch,
+index) draws of HipDataset.draws - the torch path's own, so a sample is augmented alike by both loaders. DALI decodes
+(on the GPU for JPEG with device_id set), applies the intensity draw, warps image / mask / landmarks and returns CHW;
+HipDataset.finish_targets makes visibility, flip swaps, spacing and meta as the torch path does.
 
-Sharding is the torch path's: a ShardedSampler over global ranks (shard_id = rank, num_shards = world_size), so
-training drops the same incomplete tail on every rank and evaluation (drop_last=False) sees every sample exactly
-once; the last evaluation batch may be smaller (DALI's external source takes a batch up to the pipeline's size).
-
-Not yet in DALI (issue 5's later stages): decoding (the labelme reader decodes), intensity augmentation (numpy, on
-the original image, as the torch path), the GPU (`device_id` is passed through, the graph is device-agnostic but has
-only run on the CPU so far).
+decode="auto" lets DALI decode when every image is PNG, JPEG or BMP in 8-bit grey or RGB (checked from the headers
+once); otherwise (16-bit, palette, alpha, embedded formats DALI may read differently) or with cache_decoded=True the
+host decodes (the torch path's decoder) and DALI does the rest.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import logging
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .batch import Batch, collate_samples
-from .dali_affine import DaliWarper
-from .errors import naming_file
-from .hip_dataset import PAD_VALUE, HipDataset
+from .dali_pipeline import DaliBatches, DaliItem
+from .errors import DataError, naming_file
+from .hip_dataset import PAD_VALUE, HipDataset, Prepared
+from .labelme import _load_json, _parse_shapes, rasterize_polygons, read_labelme
 from .sampler import ShardedSampler
-from .transforms import AffineDraw
+from .transforms import draw_intensity
 
-IDENTITY_DRAW = AffineDraw(False, 0.0, 1.0, 0.0, 0.0, 0.0)
+log = logging.getLogger(__name__)
+
+DALI_FORMATS = {"PNG", "JPEG", "BMP"}
+DALI_MODES = {"L", "RGB"}
 
 
-class DaliHipBatches:
-    """Iterable of Batch for one rank: `sampler` chooses and shards the indices, DALI warps each batch."""
+def _header(source: str | bytes) -> tuple[str | None, str | None]:
+    import io
+    try:
+        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as img:
+            return img.format, img.mode
+    except Exception:  # an unreadable header is reported by the host decode (check) when DALI fails on it
+        return None, None
 
-    def __init__(self, dataset: HipDataset, batch_size: int, sampler: ShardedSampler, device_id: int | None = None,
-                 num_threads: int = 1):
-        self.dataset, self.batch_size, self.sampler = dataset, int(batch_size), sampler
-        self.epoch = 0
-        self.warper = DaliWarper(dataset.input_hw, self.batch_size, pad_value=PAD_VALUE, from_draws=True,
-                                 device_id=device_id, num_threads=num_threads, seed=sampler.seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.sampler.set_epoch(epoch)
+class HipDaliSource:
+    """HipDataset -> DaliSource (see dali_pipeline.DaliSource)."""
 
-    def __len__(self) -> int:
-        return self.sampler.batches_per_epoch()
+    channels = 3
+    has_mask = True
+    pad_value = PAD_VALUE
 
-    def __iter__(self) -> Iterator[Batch]:
-        indices = list(self.sampler)
-        for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start:start + self.batch_size]
-            if len(chunk) < self.batch_size and self.sampler.drop_last:
-                return
-            yield self._batch(chunk)
+    def __init__(self, dataset: HipDataset, decode: str = "auto"):
+        if decode not in ("auto", "dali", "host"):
+            raise ValueError(f"HipDaliSource: decode must be auto, dali or host, got '{decode}'")
+        self.ds = dataset
+        self.input_hw = dataset.input_hw
+        self.intensity = dataset.augment is not None
+        self.skip_bad, self.skipped = dataset.skip_bad, dataset.skipped
+        self._ann: dict[Path, tuple] = {}
+        self.decode = self._choose(decode)
 
-    def _batch(self, chunk: list[int]) -> Batch:
-        ds = self.dataset
-        preps = [naming_file(ds.json_paths[i], ds.prepare, i, self.epoch) for i in chunk]
-        images, masks, points, _ = self.warper.run(
-            [p.image_CHW.transpose(1, 2, 0) for p in preps], [p.mask_HW for p in preps],
-            [p.kpts_px_K2 for p in preps], [p.letterbox for p in preps],
-            draws=[p.draw or IDENTITY_DRAW for p in preps], frame_hw=ds.input_hw)
-        samples = [ds.finish(p, torch.from_numpy(np.ascontiguousarray(images[k].transpose(2, 0, 1))),
-                             torch.from_numpy(masks[k]), points[k].astype(np.float64))
-                   for k, p in enumerate(preps)]
-        return collate_samples(samples)
+    def _choose(self, decode: str) -> str:
+        if decode != "auto":
+            return decode
+        if self.ds._cache is not None:
+            return "host"
+        for path in dict.fromkeys(self.ds.json_paths):
+            fmt, mode = _header(self._annotation(path)[3])
+            if fmt not in DALI_FORMATS or mode not in DALI_MODES:
+                log.info("DALI loader: %s is %s/%s; the host decodes this dataset's images", path, fmt, mode)
+                return "host"
+        return "dali"
+
+    def _annotation(self, path: Path) -> tuple:
+        """(mask uint8, landmarks, visibility, image source) of one labelme file, parsed once."""
+        if path not in self._ann:
+            ds = self.ds
+            parsed = _parse_shapes(_load_json(path), path, ds.label_map, ds.require_all, ds.strict_labels)
+            mask = rasterize_polygons(parsed.polygons, parsed.hw)
+            self._ann[path] = (mask, parsed.kpts_px_K2, parsed.kpts_visible_K, parsed.image_source)
+        return self._ann[path]
+
+    def _name(self, i: int) -> str:
+        return self.ds._image_paths[self.ds.json_paths[i]]
+
+    def item(self, i: int, epoch: int) -> DaliItem:
+        return naming_file(self.ds.json_paths[i], self._item, i, epoch)
+
+    def _item(self, i: int, epoch: int) -> DaliItem:
+        ds, path = self.ds, self.ds.json_paths[i]
+        if self.decode == "dali":
+            mask, kpts, vis, source = self._annotation(path)
+            data = (np.fromfile(source, dtype=np.uint8) if isinstance(source, str)
+                    else np.frombuffer(source, dtype=np.uint8))
+        else:
+            dec = ds._cache[i] if ds._cache is not None else ds._decode(path)
+            mask, kpts, vis = dec.mask_HW, dec.kpts_px_K2, dec.kpts_visible_K
+            chw = dec.image_CHW if dec.image_CHW.shape[0] == 3 else np.repeat(dec.image_CHW, 3, axis=0)
+            data = np.ascontiguousarray(chw.transpose(1, 2, 0))
+        orig_hw = tuple(mask.shape)
+        letterbox, m, scale, draw, rng = ds.draws(i, epoch, orig_hw)
+        inten = draw_intensity(rng, ds.augment) if rng is not None else None
+        prep = Prepared(i, orig_hw, None, mask, kpts, vis, letterbox, m, scale, draw)
+        return DaliItem(i, f"{self._name(i)} (annotation {path})", data, mask, kpts, letterbox, draw, inten, prep)
+
+    def check(self, i: int) -> str | None:
+        ds = self.ds
+        try:
+            read_labelme(ds.json_paths[i], ds.label_map, require_all=ds.require_all, strict_labels=ds.strict_labels)
+        except DataError as exc:
+            return exc.problem
+        return None
+
+    def finish(self, items: Sequence[DaliItem], kpts_BK2: np.ndarray, image_BCHW: torch.Tensor,
+               mask_BHW: torch.Tensor | None) -> Batch:
+        parts = [dict(self.ds.finish_targets(it.ctx, kpts_BK2[k]), image_CHW=torch.zeros(0))
+                 for k, it in enumerate(items)]
+        batch = collate_samples(parts)
+        batch.image_BCHW, batch.mask_BHW = image_BCHW, mask_BHW
+        return batch
+
+
+def DaliHipBatches(dataset: HipDataset, batch_size: int, sampler: ShardedSampler, device_id: int | None = None,
+                   num_threads: int | None = None, decode: str = "auto") -> DaliBatches:
+    """Batches of a HipDataset made by DALI (kept name of the first stage's class)."""
+    return DaliBatches(HipDaliSource(dataset, decode), batch_size, sampler, device_id=device_id,
+                       num_threads=num_threads)

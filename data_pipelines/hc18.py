@@ -35,9 +35,9 @@ from torch.utils.data import Dataset
 from data_pipelines import task_data
 from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
-                                       points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
-                                       warp_points)
+from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
+                                       augment_intensity, draw_affine, letterbox_matrix, points_in_frame,
+                                       sampling_grid, warp_image, warp_mask, warp_points)
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class HC18Dataset(Dataset):
     def __init__(self, records: Sequence[HC18Record], input_hw: tuple[int, int] = DEFAULT_INPUT_HW,
                  augment: AugmentParams | None = None, sigma_px: float = 2.0, heatmap_peak: float = 255.0,
                  seed: int = 0, heatmap_impl: str = "numba", cache_decoded: bool = False,
-                 skipped: Sequence[tuple[str, str]] = ()):
+                 skipped: Sequence[tuple[str, str]] = (), skip_bad: bool = False):
         if len(input_hw) != 2 or min(input_hw) < 2:
             raise ValueError(f"HC18Dataset: input_hw must be (H, W) with both >= 2, got {input_hw}")
         if sigma_px <= 0:
@@ -250,6 +250,7 @@ class HC18Dataset(Dataset):
         self.sigma_px, self.heatmap_peak, self.heatmap_impl = float(sigma_px), float(heatmap_peak), heatmap_impl
         self.seed, self.epoch = int(seed), 0
         self.skipped = list(skipped)
+        self.skip_bad = bool(skip_bad)       # the DALI loader then drops a file that stops decoding
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         if cache_decoded:      # an oversampled list repeats stems; each is decoded once
             self._cache = {}
@@ -261,7 +262,7 @@ class HC18Dataset(Dataset):
     @classmethod
     def from_root(cls, root: str | Path, skip_bad: bool = False, **kwargs: Any) -> "HC18Dataset":
         records, skipped = scan_hc18(root, skip_bad)
-        return cls(records, skipped=skipped, **kwargs)
+        return cls(records, skipped=skipped, skip_bad=skip_bad, **kwargs)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -297,29 +298,47 @@ class HC18Dataset(Dataset):
         i, epoch = index_and_epoch(index, self.epoch)
         return naming_file(self.records[i].image_path, self._load, i, epoch)
 
-    def _matrix(self, i: int, epoch: int, orig_hw: tuple[int, int], image: np.ndarray):
-        """(M, image after intensity augmentation, scale of M, flipped)."""
-        m = letterbox_matrix(orig_hw, self.input_hw)
-        scale, flipped = float(m[0, 0]), False
+    def draws(self, i: int, epoch: int, orig_hw: tuple[int, int]):
+        """(letterbox, M = augment o letterbox, input pixels per original pixel, AffineDraw or None, the Generator
+        positioned after the geometric draw or None): the (seed, epoch, index) draws both loaders share (the
+        intensity draw comes next from the Generator)."""
+        letterbox = letterbox_matrix(orig_hw, self.input_hw)
+        m, scale, draw, rng = letterbox, float(letterbox[0, 0]), None, None
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, i])
             a = self.augment
-            m_aug, flipped = random_affine_matrix(rng, self.input_hw, a.rotation_deg, a.scale_range,
-                                                  a.translate_frac, a.shear_deg, a.flip_p)
-            m = m_aug @ m
+            draw = draw_affine(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac, a.shear_deg,
+                               a.flip_p)
+            m_aug = affine_from_draw(self.input_hw, draw)
+            m = m_aug @ letterbox
             scale *= float(np.sqrt(abs(np.linalg.det(m_aug[:2, :2]))))
-            image = augment_intensity(image, rng, a)
-        return m, image, scale, flipped
+        return letterbox, m, scale, draw, rng
+
+    def dali_source(self, decode: str = "auto"):
+        """This dataset as a DALI loader source (data_pipelines/dali_hc18.py)."""
+        from data_pipelines.dali_hc18 import HC18DaliSource
+        return HC18DaliSource(self, decode=decode)
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
         rec = self.records[i]
         image_u8, mask = self._decoded(i)
         orig_hw = image_u8.shape
-        m, image, scale, flipped = self._matrix(i, epoch, orig_hw, image_u8[None].astype(np.float32) / 255.0)
+        _, m, scale, draw, rng = self.draws(i, epoch, orig_hw)
+        image = image_u8[None].astype(np.float32) / 255.0
+        if rng is not None:
+            image = augment_intensity(image, rng, self.augment)
         grid = sampling_grid(m, orig_hw, self.input_hw)
         image_CHW = warp_image(image, m, self.input_hw, pad_value=PAD_VALUE, grid=grid).expand(3, -1, -1)
-        kpts = warp_points(rec.kpts_px_42, m)
+        return {"image_CHW": image_CHW.contiguous(), "mask_HW": warp_mask(mask, m, self.input_hw, grid=grid),
+                **self.finish_targets(i, tuple(orig_hw), m, scale, draw, warp_points(rec.kpts_px_42, m))}
+
+    def finish_targets(self, i: int, orig_hw: tuple[int, int], m: np.ndarray, scale: float,
+                       draw: AffineDraw | None, kpts_K2: np.ndarray) -> dict[str, Any]:
+        """Everything of the sample dict but image and mask, from the warped landmarks (4, 2) (both loaders)."""
+        rec = self.records[i]
+        kpts = np.asarray(kpts_K2, dtype=np.float64)
         visible = points_in_frame(kpts, self.input_hw)
+        flipped = draw is not None and draw.flipped
         if flipped and self.augment.flip_pairs:
             kpts, visible = apply_flip_pairs(kpts, visible, self.augment.flip_pairs)
         kpts, visible = order_axis_points(kpts, visible)     # rotations can reverse an order too (docstring)
@@ -327,8 +346,6 @@ class HC18Dataset(Dataset):
         heatmap = render_heatmaps(kpts, visible, self.input_hw, self.sigma_px, self.heatmap_peak,
                                   impl=self.heatmap_impl)
         return {
-            "image_CHW": image_CHW.contiguous(),
-            "mask_HW": warp_mask(mask, m, self.input_hw, grid=grid),
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(np.ascontiguousarray(visible)),
             **heatmap_item(heatmap),
@@ -373,7 +390,7 @@ def build_hc18_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, A
 
     def subset(stems: Sequence[str], aug: AugmentParams | None) -> HC18Dataset:
         return HC18Dataset([by_stem[s] for s in stems], augment=aug, cache_decoded=data_cfg.cache_decoded,
-                           **common)
+                           skip_bad=data_cfg.skip_bad, **common)   # skip_bad: files that go bad during the run
 
     out = {"train": subset(splits["train_oversampled"], augment), "val": subset(splits["val"], None),
            "test": subset(splits["test"], None), "splits": splits, "num_classes": len(HC18_CLASS_NAMES),

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-from data_pipelines.labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
+from data_pipelines.labelme import IMAGE_DECODERS, HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
 from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
                                        augment_intensity, draw_affine, letterbox_matrix, points_in_frame,
                                        sampling_grid, warp_image, warp_mask, warp_points)
@@ -106,6 +106,7 @@ class HipDataset(Dataset):
     file (falling back to 0.2 mm with a warning). Files are validated up front: with skip_bad=False the first bad file
     raises its DataError, with skip_bad=True bad files are dropped and listed in `.skipped` [(path, problem)].
     cache_decoded=True decodes every file once at construction (forked DataLoader workers share the memory).
+    image_decoder: "pil" or "cv2" (OpenCV) for the torch path's decode (the DALI loader decodes with DALI).
     """
 
     class_names = HIP_CLASS_NAMES
@@ -115,16 +116,20 @@ class HipDataset(Dataset):
                  augment: AugmentParams | None = None, sigma_px: float = 2.0, heatmap_peak: float = 255.0,
                  spacing_mm: tuple[float, float] | None = None, label_map: dict[str, Any] = HIP_LABELS,
                  skip_bad: bool = False, seed: int = 0, heatmap_impl: str = "numba", cache_decoded: bool = False,
-                 require_all: bool = True, strict_labels: bool = True):
+                 require_all: bool = True, strict_labels: bool = True, image_decoder: str = "pil"):
         if len(input_hw) != 2 or min(input_hw) < 2:
             raise ValueError(f"HipDataset: input_hw must be (H, W) with both >= 2, got {input_hw}")
         if sigma_px <= 0:
             raise ValueError(f"HipDataset: sigma_px must be > 0, got {sigma_px}")
+        if image_decoder not in IMAGE_DECODERS:
+            raise ValueError(f"HipDataset: unknown image_decoder '{image_decoder}' (choose from "
+                             f"{', '.join(IMAGE_DECODERS)})")
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.augment = augment if augment is not None and augment.enabled else None
         self.sigma_px, self.heatmap_peak, self.heatmap_impl = float(sigma_px), float(heatmap_peak), heatmap_impl
         self.label_map, self.require_all, self.strict_labels = label_map, require_all, strict_labels
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.epoch, self.skip_bad = int(seed), 0, bool(skip_bad)
+        self.image_decoder = image_decoder
         self.skipped: list[tuple[str, str]] = []
         self.json_paths: list[Path] = []
         self._image_paths: dict[Path, str] = {}
@@ -154,7 +159,8 @@ class HipDataset(Dataset):
 
     # -------------------------------------------------------------------------------------------------------------
     def _decode(self, path: Path) -> _Decoded:
-        rec = read_labelme(path, self.label_map, require_all=self.require_all, strict_labels=self.strict_labels)
+        rec = read_labelme(path, self.label_map, require_all=self.require_all, strict_labels=self.strict_labels,
+                           decoder=self.image_decoder)
         img = rec.image_HW3
         grey = bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]))
         chw = img[None, :, :, 0] if grey else img.transpose(2, 0, 1)
@@ -241,9 +247,18 @@ class HipDataset(Dataset):
         transforms.warp_*, the DALI path (data_pipelines/dali_hip.py) with fn.warp_affine; both then call finish()."""
         dec = self._cache[i] if self._cache is not None else self._decode(self.json_paths[i])
         orig_hw = dec.mask_HW.shape
-        letterbox = letterbox_matrix(orig_hw, self.input_hw)
-        m, scale, draw = letterbox, letterbox[0, 0], None
+        letterbox, m, scale, draw, rng = self.draws(i, epoch, orig_hw)
         image = dec.image_CHW.astype(np.float32) * np.float32(1.0 / 255.0)
+        if rng is not None:
+            image = augment_intensity(image, rng, self.augment)
+        return Prepared(i, tuple(orig_hw), image, dec.mask_HW, dec.kpts_px_K2, dec.kpts_visible_K, letterbox, m,
+                        float(scale), draw)
+
+    def draws(self, i: int, epoch: int, orig_hw: tuple[int, int]):
+        """(letterbox, M = augment o letterbox, input pixels per original pixel, AffineDraw or None, the Generator
+        positioned after the geometric draw or None): the (seed, epoch, index) draws both loaders share."""
+        letterbox = letterbox_matrix(orig_hw, self.input_hw)
+        m, scale, draw, rng = letterbox, letterbox[0, 0], None, None
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, i])
             a = self.augment
@@ -252,16 +267,24 @@ class HipDataset(Dataset):
             m_aug = affine_from_draw(self.input_hw, draw)
             m = m_aug @ letterbox
             scale *= float(np.sqrt(abs(np.linalg.det(m_aug[:2, :2]))))
-            image = augment_intensity(image, rng, a)
-        return Prepared(i, tuple(orig_hw), image, dec.mask_HW, dec.kpts_px_K2, dec.kpts_visible_K, letterbox, m,
-                        float(scale), draw)
+        return letterbox, m, float(scale), draw, rng
+
+    def dali_source(self, decode: str = "auto"):
+        """This dataset as a DALI loader source (data_pipelines/dali_hip.py)."""
+        from data_pipelines.dali_hip import HipDaliSource
+        return HipDaliSource(self, decode=decode)
 
     def finish(self, prep: "Prepared", image_CHW: torch.Tensor, mask_HW: torch.Tensor,
                kpts_K2: np.ndarray) -> dict[str, Any]:
         """The sample dict from the warped image (C, H', W') float, mask (H', W') int and landmarks (K, 2)."""
-        i = prep.index
         if image_CHW.shape[0] == 1:
             image_CHW = image_CHW.expand(3, -1, -1).contiguous()     # grey replicated to RGB (SEEDS.md §1 input)
+        return {"image_CHW": image_CHW, "mask_HW": torch.as_tensor(mask_HW).to(torch.int64),
+                **self.finish_targets(prep, kpts_K2)}
+
+    def finish_targets(self, prep: "Prepared", kpts_K2: np.ndarray) -> dict[str, Any]:
+        """Everything of the sample dict but image and mask, from the warped landmarks (K, 2)."""
+        i = prep.index
         kpts = np.asarray(kpts_K2, dtype=np.float64)
         visible = prep.kpts_visible_K & points_in_frame(kpts, self.input_hw)
         flipped = prep.draw is not None and prep.draw.flipped
@@ -272,8 +295,6 @@ class HipDataset(Dataset):
                                   impl=self.heatmap_impl)
         info = self._info[i]
         return {
-            "image_CHW": image_CHW,
-            "mask_HW": torch.as_tensor(mask_HW).to(torch.int64),
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(visible),
             **heatmap_item(heatmap),

@@ -9,6 +9,9 @@ Coordinates: labelme points are read as (x, y) in the pixel convention of data_p
 integer coordinates). Rasterisation follows the same convention: a pixel belongs to a polygon when its centre lies
 inside it (even-odd rule, half-open on the right/bottom edges so that two polygons sharing an edge never both claim
 a pixel) - a polygon with corners (0.5, 0.5) and (3.5, 2.5) covers exactly the 3 x 2 pixels of rows 1-2, columns 1-3.
+
+Images decode with PIL (the reference) or, with decoder="cv2", OpenCV: the same RGB uint8 array either way
+(IMAGE_DECODERS; tests/test_image_decoders.py holds them together). validate_labelme always checks with PIL.
 """
 from __future__ import annotations
 
@@ -289,11 +292,15 @@ def _open_image(source: str | bytes, json_path: Path) -> Image.Image:
         raise DataError(name, f"image does not decode ({type(exc).__name__}: {exc}) - referenced by {json_path}")
 
 
-def _check_size(img: Image.Image, hw: tuple[int, int], source, json_path: Path) -> None:
-    if (img.height, img.width) != hw:
+def _check_hw(height: int, width: int, hw: tuple[int, int], source, json_path: Path) -> None:
+    if (height, width) != hw:
         raise DataError(_image_name(source, json_path),
-                        f"image is {img.width}x{img.height} but {json_path} says imageWidth x imageHeight = "
+                        f"image is {width}x{height} but {json_path} says imageWidth x imageHeight = "
                         f"{hw[1]}x{hw[0]}")
+
+
+def _check_size(img: Image.Image, hw: tuple[int, int], source, json_path: Path) -> None:
+    _check_hw(img.height, img.width, hw, source, json_path)
 
 
 def _decode_rgb(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np.ndarray:
@@ -313,7 +320,79 @@ def _decode_rgb(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np
         except Exception as exc:
             raise DataError(_image_name(source, json_path),
                             f"image does not decode ({type(exc).__name__}: {exc}) - referenced by {json_path}")
-    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return _grey_to_rgb(grey)
+
+
+def _grey_to_rgb(grey_HW: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey_HW[:, :, None], 3, axis=2))
+
+
+def _import_cv2():
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ImportError(f"data_pipelines/labelme.py: decoder='cv2' needs OpenCV ({exc}); install "
+                          f"opencv-python-headless, or use decoder='pil'") from exc
+    return cv2
+
+
+def _decode_rgb_cv2(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np.ndarray:
+    """The same uint8 (H, W, 3) as _decode_rgb, decoded by OpenCV (cv2.imdecode, IMREAD_UNCHANGED: no EXIF rotation,
+    as PIL's Image.open). Per OpenCV's result: grey uint8 -> replicated; BGR -> RGB; BGRA -> RGB with alpha dropped
+    (PIL's convert("RGB") drops it too; palette and grey+alpha files arrive as BGR/BGRA); 16-bit grey -> rounded
+    v * 255 / 65535 (PIL's I;16 path); 16-bit colour -> the high byte (what PIL's PNG decoder keeps); 32-bit integer
+    grey -> scaled by its maximum (PIL's mode "I"). Other pixel types (float, signed 16-bit) raise a DataError."""
+    cv2 = _import_cv2()
+    name = _image_name(source, json_path)
+    if isinstance(source, str):
+        try:
+            data = np.fromfile(source, dtype=np.uint8)
+        except OSError as exc:
+            raise DataError(name, f"cannot read the file ({exc.strerror or exc}) - referenced by {json_path}")
+    else:
+        data = np.frombuffer(source, dtype=np.uint8)
+    try:
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as exc:
+        raise DataError(name, f"image does not decode (cv2.error: {str(exc).strip()}) - referenced by {json_path}")
+    if arr is None:
+        raise DataError(name, f"image does not decode (cv2.imdecode returned nothing: not an image, or a corrupt "
+                              f"or truncated file) - referenced by {json_path}")
+    _check_hw(arr.shape[0], arr.shape[1], hw, source, json_path)
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    if arr.ndim == 3 and channels == 1:
+        arr = arr[:, :, 0]
+    if channels == 1 and arr.dtype == np.uint8:
+        return _grey_to_rgb(arr)
+    if channels == 1 and arr.dtype == np.uint16:
+        return _grey_to_rgb(np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
+    if channels == 1 and arr.dtype == np.int32:
+        top = max(float(arr.max()), 1.0)
+        return _grey_to_rgb(np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8))
+    if channels in (3, 4) and arr.dtype in (np.uint8, np.uint16):
+        rgb = arr[:, :, 2::-1]                                 # BGR(A) -> RGB, alpha dropped
+        if arr.dtype == np.uint16:
+            rgb = (rgb >> 8).astype(np.uint8)
+        return np.ascontiguousarray(rgb)
+    raise DataError(name, f"image has {channels} channel(s) of {arr.dtype}, which decoder='cv2' does not convert "
+                          f"(decoder='pil' may) - referenced by {json_path}")
+
+
+# decoder name -> (source, (H, W), json_path) -> uint8 (H, W, 3); "pil" is the reference.
+IMAGE_DECODERS = {"pil": _decode_rgb, "cv2": _decode_rgb_cv2}
+
+
+def decode_image(source: str | bytes, hw: tuple[int, int], json_path: str | Path, decoder: str = "pil") -> np.ndarray:
+    """uint8 (H, W, 3) of an image file path or embedded file bytes, checked against the JSON's size, by `decoder`
+    (a key of IMAGE_DECODERS); an unreadable or corrupt image raises a DataError naming it and the JSON file."""
+    return _decoder(decoder)(source, hw, Path(json_path))
+
+
+def _decoder(name: str):
+    if name not in IMAGE_DECODERS:
+        raise ValueError(f"data_pipelines/labelme.py: unknown image decoder {name!r} (choose from "
+                         f"{', '.join(repr(k) for k in IMAGE_DECODERS)})")
+    return IMAGE_DECODERS[name]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,15 +400,17 @@ def _decode_rgb(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np
 # ----------------------------------------------------------------------------------------------------------------
 
 def read_labelme(json_path: str | Path, label_map: dict[str, Any] = HIP_LABELS, require_all: bool = True,
-                 strict_labels: bool = True) -> LabelmeRecord:
+                 strict_labels: bool = True, decoder: str = "pil") -> LabelmeRecord:
     """Decode one labelme file: image (embedded or beside it), class-id mask from the polygons, landmarks.
 
     require_all: every structure and point of the label map must be present (else DataError naming which); when
     False, absent landmarks come back with visible=False. strict_labels: an unknown label is an error (else skipped).
+    decoder: "pil" (the reference) or "cv2" (OpenCV, imported only then): the same RGB uint8 array (IMAGE_DECODERS).
     """
+    decode = _decoder(decoder)
     json_path = Path(json_path)
     parsed = _parse_shapes(_load_json(json_path), json_path, label_map, require_all, strict_labels)
-    image_HW3 = _decode_rgb(parsed.image_source, parsed.hw, json_path)
+    image_HW3 = decode(parsed.image_source, parsed.hw, json_path)
     return LabelmeRecord(
         image_HW3=image_HW3,
         mask_HW=rasterize_polygons(parsed.polygons, parsed.hw),

@@ -1,6 +1,8 @@
-"""The batch source behind data.loader: `torch` (a DataLoader over the dataset, the reference path) or `dali` (DALI
-warps, data_pipelines/dali_hip.py; the labelme hip reader so far, CPU-only pipelines so far, targets rendered on the
-device). Both follow the same ShardedSampler, so sharding, epochs and mid-epoch resume are the same."""
+"""The batch source behind data.loader: `torch` (a DataLoader over the dataset, the reference path) or `dali` (the
+DALI pipeline, data_pipelines/dali_pipeline.py: decode, intensity augmentation and warps in DALI, on the GPU given a
+device_id, heatmap targets rendered on the device by the loss). Both follow the same ShardedSampler, so sharding,
+epochs and mid-epoch resume are the same. `auto` (resolve_loader) means dali on a CUDA device with DALI installed and
+a reader that has a DALI source, else torch."""
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -14,15 +16,37 @@ LOADER_KINDS = ("torch", "dali")
 
 
 def dali_supports(dataset: Dataset) -> bool:
-    """DALI batches need the dataset's prepare / finish stages (HipDataset has them)."""
-    return callable(getattr(dataset, "prepare", None)) and callable(getattr(dataset, "finish", None))
+    """DALI batches need the reader's DALI source (`dataset.dali_source()`, see dali_pipeline.DaliSource)."""
+    return callable(getattr(dataset, "dali_source", None))
+
+
+def dali_installed() -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_loader(kind: str, device: str, dataset: Dataset | None = None) -> str:
+    """data.loader=auto -> dali when training on CUDA with DALI installed (and the reader has a DALI source), else
+    torch; torch and dali are returned as they are."""
+    if kind in LOADER_KINDS:
+        return kind
+    if kind != "auto":
+        raise ValueError(f"data.loader: unknown loader '{kind}' (choose from auto, {', '.join(LOADER_KINDS)})")
+    cuda = str(device).startswith("cuda")
+    ok = cuda and dali_installed() and (dataset is None or dali_supports(dataset))
+    return "dali" if ok else "torch"
 
 
 def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kind: str = "torch",
                  num_workers: int = 0, pin_memory: bool = False,
-                 worker_init_fn: Callable[[int], None] | None = None) -> Iterable[Batch]:
+                 worker_init_fn: Callable[[int], None] | None = None, device_id: int | None = None,
+                 num_threads: int | None = None) -> Iterable[Batch]:
     """An iterable of Batch over this rank's shard. Training samplers drop the incomplete tail (drop_last), the
-    evaluation sampler keeps it as a smaller last batch."""
+    evaluation sampler keeps it as a smaller last batch. device_id (dali): the CUDA device of this rank (its local
+    rank) or None for a CPU-only DALI pipeline; num_threads (dali): DALI's CPU threads."""
     if kind == "torch":
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                           collate_fn=collate_samples, drop_last=sampler.drop_last, pin_memory=pin_memory,
@@ -30,7 +54,7 @@ def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kin
     if kind == "dali":
         if not dali_supports(dataset):
             raise ValueError(f"data.loader=dali: the {type(dataset).__name__} reader has no DALI path yet (the "
-                             f"labelme hip reader has); use data.loader=torch")
-        from .dali_hip import DaliHipBatches
-        return DaliHipBatches(dataset, batch_size, sampler)
+                             f"labelme hip, X-ray CSV and HC18 readers have); use data.loader=torch")
+        from .dali_pipeline import DaliBatches
+        return DaliBatches(dataset.dali_source(), batch_size, sampler, device_id=device_id, num_threads=num_threads)
     raise ValueError(f"data.loader: unknown loader '{kind}' (choose from {LOADER_KINDS})")

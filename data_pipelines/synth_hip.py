@@ -43,6 +43,8 @@ RECT_LABEL = {False: "矩形框", True: "rectangle"}
 # Which mask class each landmark sits in by construction (0: on bone, which is background in the mask).
 LANDMARK_CLASS = (0, 0, 7, 3, 0, 4)
 TYPE_ALPHA_RANGE_DEG = {"I": (60.5, 72.0), "II": (48.0, 59.5)}
+# image_format of generate_hip_dataset -> PIL save options (the format follows from the suffix)
+IMAGE_FORMATS = {"png": {"compress_level": 1}, "jpg": {"quality": 95}}
 
 # Mean echo level per class (display brightness before speckle): 0 = soft-tissue background.
 _ECHO = {0: 0.30, 1: 0.11, 2: 0.12, 3: 0.85, 4: 0.07, 5: 0.62, 6: 0.78, 7: 0.50}
@@ -310,15 +312,21 @@ def _labelme_doc(sample: PhantomSample, image_name: str, english: bool, rng: np.
 
 def generate_hip_dataset(out_dir: str | Path, n: int, seed: int = 0, type2_ratio: float = 0.35,
                          image_hw: tuple[int, int] = REF_HW, spacing_mm: float = 0.2, english_labels: bool = False,
-                         progress: bool = False) -> list[Path]:
-    """Write n phantom images (PNG) + labelme 5.x JSON files + dataset.json into out_dir; returns the JSON paths.
+                         progress: bool = False, image_format: str = "png") -> list[Path]:
+    """Write n phantom images + labelme 5.x JSON files + dataset.json into out_dir; returns the JSON paths.
 
     File stems are `<patient>_<view>`; patients > 1000 are type II. dataset.json holds the true Graf angles:
     {"spacing_mm": [sx, sy], "samples": [{"id", "json", "image", "patient_id", "hip_type", "alpha_deg",
     "beta_deg"}]}. Image i is a pure function of (seed, i) for a given (n, type2_ratio).
+    image_format: "png" (lossless, the default) or "jpg" (8-bit grey baseline JPEG, quality 95, what GPU JPEG
+    decoders such as DALI's nvJPEG take); the JSON's imagePath and dataset.json name the file written. Landmarks and
+    polygons do not depend on the format; the JPEG's pixels differ from the PNG's by the compression error.
     """
     if n < 1 or not 0.0 <= type2_ratio <= 1.0:
         raise ValueError(f"generate_hip_dataset: need n >= 1 and type2_ratio in [0, 1], got {n}, {type2_ratio}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"generate_hip_dataset: image_format must be one of {list(IMAGE_FORMATS)}, "
+                         f"got {image_format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(n, seed, type2_ratio)
@@ -335,10 +343,11 @@ def generate_hip_dataset(out_dir: str | Path, n: int, seed: int = 0, type2_ratio
         rng = np.random.default_rng([seed, 2, i])
         sample = render_phantom(rng, hip_type, image_hw, anatomy=anatomies[pid])
         stem = f"{pid}_{view}"
-        Image.fromarray(sample.image_HW, mode="L").save(out / f"{stem}.png", compress_level=1)
-        doc = _labelme_doc(sample, f"{stem}.png", english_labels, rng)
+        image_name = f"{stem}.{image_format}"
+        Image.fromarray(sample.image_HW, mode="L").save(out / image_name, **IMAGE_FORMATS[image_format])
+        doc = _labelme_doc(sample, image_name, english_labels, rng)
         (out / f"{stem}.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
-        records.append({"id": stem, "json": f"{stem}.json", "image": f"{stem}.png", "patient_id": str(pid),
+        records.append({"id": stem, "json": f"{stem}.json", "image": image_name, "patient_id": str(pid),
                         "hip_type": hip_type, "alpha_deg": sample.alpha_deg, "beta_deg": sample.beta_deg})
         paths.append(out / f"{stem}.json")
     meta = {"spacing_mm": [float(spacing_mm), float(spacing_mm)], "generator": "data_pipelines.synth_hip",

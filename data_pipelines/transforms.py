@@ -225,14 +225,42 @@ class AugmentParams:
         self.flip_pairs = tuple((int(a), int(b)) for a, b in self.flip_pairs)
 
 
-def augment_intensity(img: np.ndarray, rng: np.random.Generator, p: AugmentParams) -> np.ndarray:
-    """Brightness/contrast, gamma, speckle, then blur with probability blur_p; fixed draw order."""
+@dataclass(frozen=True)
+class IntensityDraw:
+    """One sample's intensity augmentation: the values augment_intensity draws, in its order. The DALI path applies
+    the same draw on the device (data_pipelines/dali_pipeline.py); only the speckle noise field itself differs (DALI's
+    generator draws it)."""
+    brightness: float
+    contrast: float
+    gamma: float
+    speckle: float
+    blur_sigma: float          # 0: no blur
+
+    def vector(self) -> np.ndarray:
+        return np.array([self.brightness, self.contrast, self.gamma, self.speckle, self.blur_sigma], np.float32)
+
+
+IDENTITY_INTENSITY = IntensityDraw(0.0, 1.0, 1.0, 0.0, 0.0)
+
+
+def draw_intensity(rng: np.random.Generator, p: AugmentParams) -> IntensityDraw:
+    """Brightness, contrast, gamma (log-uniform), speckle sigma, then blur with probability blur_p; fixed order."""
     brightness = rng.uniform(-p.brightness, p.brightness)
     contrast = rng.uniform(*p.contrast_range)
     gamma = math.exp(rng.uniform(math.log(p.gamma_range[0]), math.log(p.gamma_range[1])))
     speckle = rng.uniform(0.0, p.speckle_sigma_max)
     blur = rng.uniform(*p.blur_sigma_range) if rng.random() < p.blur_p else 0.0
-    out = adjust_gamma(adjust_brightness_contrast(img, brightness, contrast), gamma)
-    if speckle > 0:
-        out = add_speckle_noise(out, rng, speckle)
-    return gaussian_blur(out, blur) if blur > 0 else out
+    return IntensityDraw(brightness, contrast, gamma, speckle, blur)   # numpy scalars kept: same dtypes as before
+
+
+def apply_intensity(img: np.ndarray, rng: np.random.Generator, d: IntensityDraw) -> np.ndarray:
+    """Brightness/contrast, gamma, speckle (its noise field drawn from rng), then blur."""
+    out = adjust_gamma(adjust_brightness_contrast(img, d.brightness, d.contrast), d.gamma)
+    if d.speckle > 0:
+        out = add_speckle_noise(out, rng, d.speckle)
+    return gaussian_blur(out, d.blur_sigma) if d.blur_sigma > 0 else out
+
+
+def augment_intensity(img: np.ndarray, rng: np.random.Generator, p: AugmentParams) -> np.ndarray:
+    """Brightness/contrast, gamma, speckle, then blur with probability blur_p; fixed draw order."""
+    return apply_intensity(img, rng, draw_intensity(rng, p))

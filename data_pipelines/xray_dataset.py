@@ -25,8 +25,9 @@ from data_pipelines.errors import DataError, OptionError, index_and_epoch, namin
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.synth_xray import generate_xray_dataset
 from data_pipelines.task_data import augment_params, loader_heatmap_impl, reader_options, record_splits, splits_of
-from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
-                                       points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_points)
+from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
+                                       augment_intensity, draw_affine, letterbox_matrix, points_in_frame,
+                                       sampling_grid, warp_image, warp_points)
 from data_pipelines.xray_csv import (SPLIT_NAMES, XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, XrayRecord, equalize_hist,
                                      find_xray_samples, image_for_csv, read_grey, validate_xray_pair)
 
@@ -65,10 +66,12 @@ def grey_to_float(grey_HW: np.ndarray, equalize: bool) -> np.ndarray:
 
 
 def network_input(image_1HW: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Grey (1, H, W) -> (3, H, W), optionally ImageNet mean/std normalised."""
-    out = image_1HW.expand(3, -1, -1).contiguous()
+    """Grey (..., 1, H, W) -> (..., 3, H, W), optionally ImageNet mean/std normalised (on the image's device: the
+    DALI loader normalises its (B, 1, H, W) batch with this too, data_pipelines/dali_xray.py)."""
+    out = image_1HW.expand(*image_1HW.shape[:-3], 3, *image_1HW.shape[-2:]).contiguous()
     if normalize == "imagenet":
-        return (out - _IMAGENET_MEAN) / _IMAGENET_STD
+        dev = out.device
+        return (out - _IMAGENET_MEAN.to(dev)) / _IMAGENET_STD.to(dev)
     if normalize != "none":
         raise OptionError(f"data.reader_args.normalize: '{normalize}' is not one of {', '.join(NORMALIZE_MODES)}")
     return out
@@ -144,6 +147,7 @@ class XrayDataset(Dataset):
         self.augment = augment if augment is not None and augment.enabled else None
         self.sigma_px, self.heatmap_peak, self.heatmaps = float(sigma_px), float(heatmap_peak), bool(heatmaps)
         self.heatmap_impl, self.seed, self.epoch = heatmap_impl, int(seed), 0
+        self.skip_bad = bool(skip_bad)          # also: the DALI loader drops a file that stops decoding
         self.skipped: list[tuple[str, str]] = []
         self.records = self._validate(items, skip_bad)
         self._cache = self._decode_all(skip_bad) if cache_decoded else None
@@ -246,24 +250,42 @@ class XrayDataset(Dataset):
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
         rec = self.records[i]
         image = grey_to_float(self._grey(i), self.equalize)
-        m = input_matrix(rec.hw, self.input_hw, self.resize)
-        flipped = False
+        _, m, draw, rng = self.draws(i, epoch)
+        if rng is not None:
+            image = augment_intensity(image, rng, self.augment)
+        grid = sampling_grid(m, rec.hw, self.input_hw)
+        image_CHW = network_input(warp_image(image, m, self.input_hw, pad_value=PAD_VALUE, grid=grid), self.normalize)
+        return {"image_CHW": image_CHW, **self.finish_targets(i, m, draw, warp_points(rec.kpts_px_K2, m))}
+
+    def draws(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray, AffineDraw | None,
+                                                  np.random.Generator | None]:
+        """(resize matrix, M = augment o resize, AffineDraw or None, the Generator positioned after the geometric
+        draw or None): the (seed, epoch, index) draws both loaders share (the intensity draw comes next from it)."""
+        pre = input_matrix(self.records[i].hw, self.input_hw, self.resize)
+        m, draw, rng = pre, None, None
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, i])
             a = self.augment
-            m_aug, flipped = random_affine_matrix(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac,
-                                                  a.shear_deg, a.flip_p)
-            m = m_aug @ m
-            image = augment_intensity(image, rng, a)
-        grid = sampling_grid(m, rec.hw, self.input_hw)
-        image_CHW = network_input(warp_image(image, m, self.input_hw, pad_value=PAD_VALUE, grid=grid), self.normalize)
-        kpts = warp_points(rec.kpts_px_K2, m)
+            draw = draw_affine(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac, a.shear_deg,
+                               a.flip_p)
+            m = affine_from_draw(self.input_hw, draw) @ pre
+        return pre, m, draw, rng
+
+    def dali_source(self, decode: str = "auto"):
+        """This dataset as a DALI loader source (data_pipelines/dali_xray.py)."""
+        from data_pipelines.dali_xray import XrayDaliSource
+        return XrayDaliSource(self, decode=decode)
+
+    def finish_targets(self, i: int, m: np.ndarray, draw: AffineDraw | None, kpts_K2: np.ndarray) -> dict[str, Any]:
+        """Everything of the sample dict but the image, from the warped landmarks (K, 2) (both loaders)."""
+        rec = self.records[i]
+        kpts = np.asarray(kpts_K2, dtype=np.float64)
         visible = points_in_frame(kpts, self.input_hw)
+        flipped = draw is not None and draw.flipped
         if flipped and self.augment.flip_pairs:
             kpts, visible = apply_flip_pairs(kpts, visible, self.augment.flip_pairs)
         kpts = kpts.astype(np.float32)      # out-of-frame points keep their coordinates; visible says False
         sample = {
-            "image_CHW": image_CHW,
             "kpts_px_K2": torch.from_numpy(kpts),
             "kpts_visible_K": torch.from_numpy(visible),
             "spacing_mm_2": torch.from_numpy(input_spacing_mm(self._spacing[i], m).astype(np.float32)),
@@ -360,7 +382,8 @@ def build_xray_csv_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[st
     augment = augment_params(data_cfg, flip_pairs=XRAY_FLIP_PAIRS, speckle_sigma_max=0.03)
 
     def subset(ids, aug):
-        return XrayDataset([record_of[i] for i in ids], augment=aug, cache_decoded=data_cfg.cache_decoded, **common)
+        return XrayDataset([record_of[i] for i in ids], augment=aug, cache_decoded=data_cfg.cache_decoded,
+                           skip_bad=data_cfg.skip_bad, **common)   # skip_bad: files that go bad during the run
 
     out = {"train": subset(splits["train_oversampled"], augment), "val": subset(splits["val"], None),
            "test": subset(splits["test"], None), "splits": splits, "num_classes": 0, "class_names": None,

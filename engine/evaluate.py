@@ -57,7 +57,7 @@ def sample_prediction(outputs: dict[str, torch.Tensor], preds: dict[str, torch.T
 @torch.no_grad()
 def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable, accumulator,
                      criterion: nn.Module | None = None, batch_size: int = 4, num_workers: int = 0,
-                     gather_records: bool = False, loader_kind: str = "torch"
+                     gather_records: bool = False, loader_kind: str = "torch", dali_threads: int = 0
                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked).
     `accumulator` is the task's (engine/tasks/base.py): update_sample / state / load_state / compute / records."""
@@ -68,7 +68,9 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Ca
         criterion.eval()
     sampler = ShardedSampler(len(dataset), info.rank, info.world_size, shuffle=False, drop_last=False,
                              batch_size=batch_size)
-    loader = make_batches(dataset, batch_size, sampler, loader_kind, num_workers)
+    device_id = info.device.index if info.device.type == "cuda" else None
+    loader = make_batches(dataset, batch_size, sampler, loader_kind, num_workers, device_id=device_id,
+                          num_threads=dali_threads or None)
     acc = accumulator
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample loss, count)
     for batch in loader:

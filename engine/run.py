@@ -77,9 +77,25 @@ def build_data(cfg: Config, run_dir: Path, strategy) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
 
 
+def resolve_loader(cfg: Config, device: torch.device) -> Config:
+    """data.loader=auto -> dali when training on CUDA with DALI installed and the reader has a DALI path, else torch
+    (data_pipelines/loaders.resolve_loader)."""
+    from data_pipelines import DALI_FORMATS
+    from data_pipelines.loaders import resolve_loader as pick
+    kind = cfg.data.loader
+    if kind == "auto":
+        kind = pick("auto", str(torch.device(device))) if cfg.data.format in DALI_FORMATS else "torch"
+    elif kind == "dali" and cfg.data.format not in DALI_FORMATS:
+        raise ConfigError(f"data.loader=dali: the '{cfg.data.format}' reader has no DALI path (those that have: "
+                          f"{', '.join(DALI_FORMATS)}); use data.loader=torch or auto")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=kind))
+
+
 def resolve_targets(cfg: Config, device: torch.device) -> Config:
     """data.targets=auto -> device when training on CUDA or with the DALI loader (the loader then skips heatmap
-    rendering and the loss renders the targets, with the Triton kernel on a GPU), else loader."""
+    rendering and the loss renders the targets, with the Triton kernel on a GPU), else loader. Call after
+    resolve_loader."""
+    cfg = resolve_loader(cfg, device)
     if cfg.data.loader == "dali" and cfg.data.targets == "loader":
         raise ConfigError("data.targets=loader: the DALI loader renders no heatmap targets; use data.targets=device "
                           "(or auto) with data.loader=dali")
@@ -189,6 +205,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
     """`medpose eval`: the checkpoint's weights on the config's data split; report + figures in out_dir."""
     cfg = resolve_config(cfg)
     strategy = make_strategy(cfg)
+    cfg = resolve_targets(cfg, strategy.info.device)          # and data.loader
     out_dir = Path(out_dir)
     try:
         if strategy.info.is_main:
@@ -216,7 +233,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
 def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
     return evaluate_dataset(model, data[split], strategy, task.decoder(cfg), task.accumulator(cfg, data), criterion,
                             cfg.train.batch_size, num_workers=cfg.eval.num_workers, gather_records=gather_records,
-                            loader_kind=cfg.data.loader)
+                            loader_kind=cfg.data.loader, dali_threads=cfg.data.dali_threads)
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | None = None):

@@ -84,7 +84,9 @@ class Trainer:
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.pos.epoch)
             loader = make_batches(self.train_set, tc.batch_size, self.sampler, dc.loader, dc.num_workers,
-                                  pin_memory=self.info.device.type == "cuda", worker_init_fn=_seed_worker)
+                                  pin_memory=self.info.device.type == "cuda", worker_init_fn=_seed_worker,
+                                  device_id=self.info.device.index if self.info.device.type == "cuda" else None,
+                                  num_threads=dc.dali_threads or None)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.pos.epoch)
             for batch in loader:

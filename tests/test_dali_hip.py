@@ -1,7 +1,8 @@
-"""DALI-warped batches of the hip dataset (data_pipelines/dali_hip.py, CPU-only pipeline) against the torch path:
-the same Batch (landmarks within 0.05 px, masks >= 0.99 agreement, images within interpolation rounding, the same
-visibility, spacing and metadata) with augmentation on, and rank sharding that covers every sample exactly once in
-evaluation."""
+"""The DALI loader on the hip dataset (data_pipelines/dali_hip.py + dali_pipeline.py, CPU-only pipeline) against
+the torch path: the same Batch (landmarks within 0.05 px, masks >= 0.99 agreement, images within interpolation
+rounding, the same visibility, spacing and metadata) with geometric and brightness/contrast/gamma augmentation on,
+with DALI decoding the PNGs or the host decoding them; blur and speckle against their definitions; rank sharding
+that covers every sample exactly once in evaluation; a file that stops decoding after validation."""
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from data_pipelines.transforms import AugmentParams
 pytestmark = pytest.mark.dali
 
 AUGMENT = AugmentParams(enabled=True, rotation_deg=15.0, scale_range=(0.85, 1.15), translate_frac=0.08,
-                        shear_deg=5.0, flip_p=0.5)
+                        shear_deg=5.0, flip_p=0.5, speckle_sigma_max=0.0, blur_p=0.0)   # noise / blur: below
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,9 @@ def files(tmp_path_factory):
     return generate_hip_dataset(tmp_path_factory.mktemp("hip"), 7, seed=3, image_hw=(120, 160))
 
 
-def _dataset(files, augment):
+def _dataset(files, augment, cache=True, **kw):
     return HipDataset(files, input_hw=(64, 96), augment=augment, seed=5, heatmap_impl="none",
-                      cache_decoded=True)
+                      cache_decoded=cache, **kw)
 
 
 def _torch_batches(ds, sampler, batch_size):
@@ -35,12 +36,14 @@ def _torch_batches(ds, sampler, batch_size):
             if not (sampler.drop_last and len(idx[s:s + batch_size]) < batch_size)]
 
 
+@pytest.mark.parametrize("decode", ["dali", "host"])
 @pytest.mark.parametrize("augment", [AUGMENT, None], ids=["augmented", "plain"])
-def test_dali_batches_equal_the_torch_path(files, augment):
+def test_dali_batches_equal_the_torch_path(files, augment, decode):
     from data_pipelines.dali_hip import DaliHipBatches
-    ds = _dataset(files, augment)
+    ds = _dataset(files, augment, cache=decode == "host")
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=True, batch_size=3)  # noqa: E731
     dali = DaliHipBatches(ds, 3, make())
+    assert dali.source.decode == decode
     dali.set_epoch(1)
     reference = make()
     reference.set_epoch(1)
@@ -81,3 +84,72 @@ def test_make_batches_names_the_reader_without_a_dali_path():
         make_batches(plain, 2, sampler, "dali")
     with pytest.raises(ValueError, match="unknown loader 'bogus'"):
         make_batches(plain, 2, sampler, "bogus")
+
+
+def _one_batch(ds, decode="auto", n=4):
+    from data_pipelines.dali_hip import DaliHipBatches
+    sampler = ShardedSampler(len(ds), 0, 1, shuffle=False, drop_last=False, batch_size=n)
+    return next(iter(DaliHipBatches(ds, n, sampler, decode=decode)))
+
+
+def test_blur_matches_scipy_away_from_the_border(files):
+    """blur_p=1: DALI's Gaussian (same sigma draw, scipy's radius) equals scipy's inside the image; only the border
+    rule differs (DALI reflects, scipy repeats the edge)."""
+    blur = AugmentParams(rotation_deg=0.0, scale_range=(1.0, 1.0), translate_frac=0.0, brightness=0.0,
+                         contrast_range=(1.0, 1.0), gamma_range=(1.0, 1.0), speckle_sigma_max=0.0, blur_p=1.0,
+                         blur_sigma_range=(0.8, 1.0))
+    ds = _dataset(files, blur, cache=False)
+    got = _one_batch(ds)
+    want = collate_samples([ds[i] for i in range(4)])
+    inner = (slice(None), slice(None), slice(4, -4), slice(12, -12))   # the letterbox pads ~5 px left and right
+    diff = (got.image_BCHW - want.image_BCHW).abs()
+    assert diff[inner].max() < 2e-3
+    plain = collate_samples([_dataset(files, None)[i] for i in range(4)]).image_BCHW
+    assert (plain - want.image_BCHW)[inner].abs().max() > 0.02          # the blur did change the image
+
+
+def test_speckle_noise_has_the_torch_paths_strength(files):
+    """Speckle multiplies by (1 + s n) with the same drawn s; only the noise field comes from DALI's generator. After
+    the same warp (which averages neighbouring noise), the ratio to the noiseless image has the torch path's spread."""
+    noisy = AugmentParams(rotation_deg=0.0, scale_range=(1.0, 1.0), translate_frac=0.0, brightness=0.0,
+                          contrast_range=(1.0, 1.0), gamma_range=(1.0, 1.0), speckle_sigma_max=0.3, blur_p=0.0)
+    ds = _dataset(files, noisy, cache=False)
+    got = _one_batch(ds, n=4).image_BCHW
+    want = collate_samples([ds[i] for i in range(4)]).image_BCHW
+    clean = collate_samples([_dataset(files, None)[i] for i in range(4)]).image_BCHW
+    for k in range(4):
+        sel = (clean[k] > 0.2) & (clean[k] < 0.6)
+        spread = [float((x[k][sel] / clean[k][sel] - 1.0).std()) for x in (got, want)]
+        assert spread[1] > 0.005                                          # the draw is not negligible
+        assert abs(spread[0] - spread[1]) < 0.15 * spread[1], (k, spread)
+        assert abs(float((got[k][sel] / clean[k][sel] - 1.0).mean())) < 0.02
+    assert not torch.equal(got, want)                                     # different generators, same strength
+
+
+def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
+    """The image is corrupted after validation (e.g. replaced on a network share): DALI's decode fails, the loader
+    finds the file on the host and names it; with skip_bad it is counted and the other samples still come."""
+    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.errors import DataError
+    files = generate_hip_dataset(tmp_path, 5, seed=4, image_hw=(60, 80))
+    for skip in (False, True):
+        ds = _dataset(files, None, cache=False, skip_bad=skip)
+        image = ds._image_paths[ds.json_paths[2]]
+        sampler = ShardedSampler(len(ds), 0, 1, shuffle=False, drop_last=False, batch_size=2)
+        loader = DaliHipBatches(ds, 2, sampler)
+        assert loader.source.decode == "dali"
+        original = open(image, "rb").read()
+        with open(image, "wb") as f:
+            f.write(original[:40])                                    # header kept, data cut
+        try:
+            if not skip:
+                with pytest.raises(DataError) as err:
+                    list(loader)
+                assert image in str(err.value)
+            else:
+                seen = [m["index"] for b in loader for m in b.meta]
+                assert seen == [0, 1, 3, 4]
+                assert [p for p, _ in ds.skipped] == [f"{image} (annotation {ds.json_paths[2]})"]
+        finally:
+            with open(image, "wb") as f:
+                f.write(original)

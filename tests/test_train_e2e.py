@@ -83,8 +83,9 @@ def test_targets_rendered_on_the_device_train_like_loader_targets(tmp_path, phan
 
 @pytest.mark.dali
 def test_dali_loader_trains_like_the_torch_loader(tmp_path, phantom_root):
-    """data.loader=dali (DALI warps, CPU-only pipeline): the same losses as the torch loader on the same draws, and
-    a held-out report from DALI-fed evaluation."""
+    """data.loader=dali (DALI decode, augmentation and warps, CPU-only pipeline): the torch loader's losses on the same
+    draws (within 1 %: only the speckle noise field differs, DALI draws it; measured 0.1-0.3 %), and a held-out report
+    from DALI-fed evaluation."""
     common = ["train.max_steps=4", "train.log_every=1", "train.eval_every=0", "optim.lr=2e-3", "data.targets=device"]
     runs = {}
     for loader in ("torch", "dali"):
@@ -93,9 +94,23 @@ def test_dali_loader_trains_like_the_torch_loader(tmp_path, phantom_root):
         runs[loader] = _train_losses(run_dir)
     assert sorted(runs["dali"]) == [1, 2, 3, 4]
     for step, loss in runs["torch"].items():
-        assert math.isclose(runs["dali"][step], loss, rel_tol=2e-3), (step, runs)
+        assert math.isclose(runs["dali"][step], loss, rel_tol=1e-2), (step, runs)
     report = json.loads((tmp_path / "dali" / "report.json").read_text())
     assert report["landmark_mre_px"] is not None and report["seg_miou"] is not None
+
+
+def test_loader_auto_resolves_to_torch_without_cuda(tmp_path, phantom_root):
+    """data.loader=auto is saved resolved: torch on a CPU run (DALI is for CUDA devices), whatever is installed."""
+    from engine.config import load_config
+    from engine.run import resolve_loader
+    train(_cfg(tmp_path, phantom_root, "train.max_steps=1", "train.eval_every=0"), final_test=False)
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.data.loader == "torch"
+    cfg = _cfg(tmp_path, phantom_root, "data.format=nifti")
+    assert resolve_loader(cfg, "cpu").data.loader == "torch"
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match="'nifti' reader has no DALI path"):
+        resolve_loader(_cfg(tmp_path, phantom_root, "data.format=nifti", "data.loader=dali"), "cpu")
 
 
 def test_dali_loader_refuses_loader_rendered_targets(tmp_path, phantom_root):
