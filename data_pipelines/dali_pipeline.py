@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from .transforms import IDENTITY_INTENSITY, AffineDraw, IntensityDraw
 log = logging.getLogger(__name__)
 
 IDENTITY_DRAW = AffineDraw(False, 0.0, 1.0, 0.0, 0.0, 0.0)
+_END = object()             # end of an epoch, from the producer thread
 _MIN_BLUR_SIGMA = 0.01      # blur "off": a 3-tap kernel whose side taps are exp(-5000) = 0 in float32 (exact copy)
 
 
@@ -155,16 +158,19 @@ class DaliBatches:
     """Iterable of Batch over one rank's shard, made by a DALI pipeline (see the module docstring).
 
     device_id: the CUDA device (the local rank) or None for a CPU-only pipeline. num_threads: DALI's CPU threads
-    (default: default_threads()). prefetch: batches the pipeline works ahead.
+    (default: default_threads()). prefetch: batches the pipeline works ahead. background: run the pipeline and the
+    host steps (the external source, finish, the copy of the small tensors from pinned memory) in a producer thread
+    that keeps `prefetch` finished batches ready, so that they overlap the training step instead of following it
+    (the DataLoader's workers give the torch path the same overlap).
     """
 
     def __init__(self, source: DaliSource, batch_size: int, sampler: ShardedSampler, device_id: int | None = None,
-                 num_threads: int | None = None, prefetch: int = 2):
+                 num_threads: int | None = None, prefetch: int = 2, background: bool = True):
         _require_dali()
         if device_id is not None and not torch.cuda.is_available():
             raise RuntimeError(f"DALI loader: device_id={device_id} but CUDA is not available; use device_id=None")
         self.source, self.batch_size, self.sampler = source, int(batch_size), sampler
-        self.device_id, self.prefetch = device_id, int(prefetch)
+        self.device_id, self.prefetch, self.background = device_id, int(prefetch), bool(background)
         self.num_threads = int(num_threads) if num_threads else default_threads()
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
         self.epoch = 0
@@ -212,6 +218,51 @@ class DaliBatches:
         return self.sampler.batches_per_epoch()
 
     def __iter__(self) -> Iterator[Batch]:
+        return self._iter_background() if self.background else self._iter_foreground()
+
+    def _iter_background(self) -> Iterator[Batch]:
+        """The epoch's batches made by a producer thread, at most `prefetch` ahead. Leaving the loop early (max_steps,
+        an exception) stops the producer; the next epoch then rebuilds the pipeline."""
+        ready: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            try:
+                for batch in self._iter_foreground():
+                    if not put(batch):
+                        return
+                put(_END)
+            except BaseException as exc:     # handed to the consumer, raised there
+                put(exc)
+
+        worker = threading.Thread(target=produce, name="medpose-dali-producer", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join(timeout=120)
+            if worker.is_alive():   # pragma: no cover - a DALI run that never returns
+                raise RuntimeError("DALI loader: the producer thread did not stop within 120 s")
+
+    def _iter_foreground(self) -> Iterator[Batch]:
         if self.pipe is None or not self._clean:
             self._build()
         self._clean = False
@@ -236,7 +287,10 @@ class DaliBatches:
         image = _dali_to_torch(outs[0], self.device)
         kpts = np.array(outs[1].as_tensor(), dtype=np.float64) if len(items) else np.zeros((0, 0, 2))
         mask = _dali_to_torch(outs[2], self.device)[..., 0].to(torch.int64) if self.source.has_mask else None
-        return self.source.finish(items, kpts, image, mask)
+        batch = self.source.finish(items, kpts, image, mask)
+        if self.device.type == "cuda":    # the small CPU tensors: pinned, copied asynchronously (no device sync)
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
 
     def _recover(self, exc: RuntimeError) -> None:
         """DALI failed on a batch in flight: find the file(s) on the host; raise, or skip them and re-feed."""

@@ -56,5 +56,14 @@ def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kin
             raise ValueError(f"data.loader=dali: the {type(dataset).__name__} reader has no DALI path yet (the "
                              f"labelme hip, X-ray CSV and HC18 readers have); use data.loader=torch")
         from .dali_pipeline import DaliBatches
-        return DaliBatches(dataset.dali_source(), batch_size, sampler, device_id=device_id, num_threads=num_threads)
+        # One DALI loader per dataset and setting, kept across epochs (the engine asks for a loader every epoch):
+        # its pipeline, decode choice and annotation cache are built once; the sampler is this call's.
+        kept = dataset.__dict__.setdefault("_dali_loaders", {})
+        key = (int(batch_size), device_id, num_threads)
+        if key not in kept:
+            kept[key] = DaliBatches(dataset.dali_source(), batch_size, sampler, device_id=device_id,
+                                    num_threads=num_threads)
+        loader = kept[key]
+        loader.sampler = sampler
+        return loader
     raise ValueError(f"data.loader: unknown loader '{kind}' (choose from {LOADER_KINDS})")

@@ -67,7 +67,7 @@ def resolve_config(cfg: Config) -> Config:
 
 def build_data(cfg: Config, run_dir: Path, strategy) -> dict[str, Any]:
     """The reader of data.format behind data.loader: train / val / test datasets and their metadata."""
-    readers = LOADERS[cfg.data.loader]
+    readers = LOADERS["torch" if cfg.data.loader == "auto" else cfg.data.loader]   # datasets serve either loader
     fmt = cfg.data.format
     if fmt not in readers:
         raise ConfigError(f"data.format: unknown format '{fmt}' (choose from {sorted(readers)} or auto)")

@@ -153,3 +153,36 @@ def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
         finally:
             with open(image, "wb") as f:
                 f.write(original)
+
+
+def test_background_producer_equals_foreground_and_survives_an_abandoned_epoch(files):
+    """The producer thread yields the foreground loop's batches; leaving an epoch after one batch (max_steps) stops
+    it, and the next epoch (rebuilt pipeline) is complete and equal again."""
+    from data_pipelines.dali_pipeline import DaliBatches
+    ds = _dataset(files, AUGMENT, cache=False)
+    make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=False, batch_size=2)  # noqa: E731
+    fg = DaliBatches(ds.dali_source(), 2, make(), background=False)
+    bg = DaliBatches(ds.dali_source(), 2, make(), background=True)
+    for epoch in (0, 1):
+        fg.set_epoch(epoch)
+        bg.set_epoch(epoch)
+        if epoch == 0:
+            first = next(iter(bg))                     # abandoned after one batch
+            assert len(first.meta) == 2
+            bg.set_epoch(epoch)
+        got, want = list(bg), list(fg)
+        assert [len(b.meta) for b in got] == [2, 2, 2, 1]
+        for g, w in zip(got, want):
+            assert [m["index"] for m in g.meta] == [m["index"] for m in w.meta]
+            assert torch.equal(g.image_BCHW, w.image_BCHW) and torch.equal(g.mask_BHW, w.mask_BHW)
+            assert torch.equal(g.kpts_px_BK2, w.kpts_px_BK2)
+
+
+def test_make_batches_keeps_one_dali_loader_per_dataset(files):
+    from data_pipelines.loaders import make_batches
+    ds = _dataset(files, None)
+    s1 = ShardedSampler(len(ds), 0, 1, shuffle=False, drop_last=False, batch_size=4)
+    s2 = ShardedSampler(len(ds), 0, 1, shuffle=True, seed=9, drop_last=False, batch_size=4)
+    a, b = make_batches(ds, 4, s1, "dali"), make_batches(ds, 4, s2, "dali")
+    assert a is b and b.sampler is s2                  # the pipeline is reused; the sampler is the latest call's
+    assert [m["index"] for batch in b for m in batch.meta] == list(s2)
