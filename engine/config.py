@@ -185,16 +185,62 @@ class EvalConfig:
     """Options of the task's metrics (e.g. spine_disc: fn_si_mm, fp_si_mm); checked against the task's signature."""
 
 
+# DeepSpeed keys the engine derives from its own config (one source of truth): `extra` may not set them.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.batch_size x train.grad_accum x world size",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "optim.* (the engine passes its torch optimizer)",
+    "scheduler": "optim.scheduler (the engine passes its torch scheduler)",
+}
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Options of dist.strategy=deepspeed; the DeepSpeed JSON is generated from these and the rest of the config."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters partitioned."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer states (and the fp32 step) in CPU memory; needs zero_stage >= 1."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep partitioned parameters in CPU memory; needs zero_stage = 3."""
+    consolidate_on_save: bool = True
+    """Rank 0 also writes the consolidated fp32 weights into every checkpoint file (eval/predict/export read it)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Rare DeepSpeed options, deep-merged last into the generated JSON (not the keys the engine derives)."""
+
+    def __post_init__(self):
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            raise ConfigError(f"dist.deepspeed.offload_optimizer: {self.offload_optimizer!r} needs zero_stage >= 1, "
+                              f"got zero_stage={self.zero_stage}")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ConfigError(f"dist.deepspeed.offload_params: {self.offload_params!r} needs zero_stage = 3, "
+                              f"got zero_stage={self.zero_stage}")
+        for key in self.extra:
+            if key in DEEPSPEED_OWNED_KEYS:
+                raise ConfigError(f"dist.deepspeed.extra.{key}: set by {DEEPSPEED_OWNED_KEYS[key]}, "
+                                  f"not through extra")
+        zero = self.extra.get("zero_optimization")
+        if isinstance(zero, dict) and "stage" in zero:
+            raise ConfigError("dist.deepspeed.extra.zero_optimization.stage: set by dist.deepspeed.zero_stage, "
+                              "not through extra")
+
+
 @dataclass
 class DistConfig:
-    strategy: Literal["auto", "single", "ddp"] = "auto"
-    """auto: ddp when launched with more than one process, else single."""
+    strategy: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    """auto: ddp when launched with more than one process, else single; deepspeed: see dist.deepspeed."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
     timeout_s: int = 600
     """Collective timeout."""
     find_unused_parameters: bool = False
     """DDP find_unused_parameters."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Options of the deepspeed strategy."""
 
 
 @dataclass

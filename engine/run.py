@@ -38,7 +38,8 @@ def make_strategy(cfg: Config, info: DistInfo | None = None):
     info = info or read_dist_info()
     return build_strategy(cfg.dist.strategy, info, grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip,
                           precision=resolve_precision(cfg.train.precision, info.device), backend=cfg.dist.backend,
-                          timeout_s=cfg.dist.timeout_s, find_unused_parameters=cfg.dist.find_unused_parameters)
+                          timeout_s=cfg.dist.timeout_s, find_unused_parameters=cfg.dist.find_unused_parameters,
+                          batch_size=cfg.train.batch_size, deepspeed=cfg.dist.deepspeed)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Training strategies behind one small interface: single process and DDP (DeepSpeed fits the same methods).
+"""Training strategies behind one small interface: single process, DDP, DeepSpeed (engine/strategy_deepspeed.py).
 
 The trainer only ever calls: setup, accumulate, backward, step, all_reduce_sum/all_reduce_mean, all_gather_object,
 barrier, save, load, unwrap, close. Loss scaling for gradient accumulation lives in `backward` (so an engine that
@@ -202,9 +202,19 @@ class DDPStrategy(SingleStrategy):
             torch_dist.destroy_process_group()
 
 
+def _deepspeed_strategy(info: DistInfo, **kwargs: Any) -> SingleStrategy:
+    """engine/strategy_deepspeed.py, imported (and DeepSpeed with it) only when this strategy is chosen."""
+    if "batch_size" not in kwargs:
+        raise ValueError("dist.strategy=deepspeed: build_strategy needs batch_size=train.batch_size (and "
+                         "deepspeed=dist.deepspeed) to generate the DeepSpeed config")
+    from .strategy_deepspeed import DeepSpeedStrategy
+    return DeepSpeedStrategy(info, **kwargs)
+
+
 STRATEGIES: dict[str, Callable[..., SingleStrategy]] = {
     "single": SingleStrategy,
     "ddp": DDPStrategy,
+    "deepspeed": _deepspeed_strategy,
 }
 
 

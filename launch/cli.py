@@ -17,6 +17,9 @@ EPILOG = """examples:
   medpose train --config hip_demo train.max_steps=200 optim.lr=3e-4
   medpose train --config hip_demo --resume auto    continue the run in log.run_dir from its latest checkpoint
   torchrun --nproc_per_node=2 -m launch.cli train --config hip_demo   (DDP, gloo on CPU / nccl on GPU)
+  torchrun --nproc_per_node=2 -m launch.cli train --config hip_demo dist.strategy=deepspeed dist.deepspeed.zero_stage=2
+  launch/torchrun_single.sh, torchrun_multinode.sh, deepspeed.sh, slurm.sbatch: restarts + --resume auto
+  (by hand with --max-restarts and c10d: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see README)
   medpose eval --checkpoint runs/hip_demo/checkpoints/best.pt
   medpose predict --checkpoint runs/hip_demo/checkpoints/best.pt img1.png scan.json --out preds/
   medpose data synth-hip --out data/phantom -n 100
