@@ -14,21 +14,19 @@ from the headers once); otherwise (an RGB export, which the torch path converts 
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .batch import Batch, collate_samples
-from .dali_hip import DALI_FORMATS, _header
-from .dali_pipeline import DaliItem
+from .dali_pipeline import DaliItem, choose_decode
 from .dali_xray import encoded_hw
 from .errors import DataError, naming_file
 from .hc18 import PAD_VALUE, HC18Dataset, read_image, read_mask
 from .transforms import draw_intensity
 
-log = logging.getLogger(__name__)
+GREY = frozenset({"L"})
 
 
 class HC18DaliSource:
@@ -39,26 +37,13 @@ class HC18DaliSource:
     pad_value = PAD_VALUE
 
     def __init__(self, dataset: HC18Dataset, decode: str = "auto"):
-        if decode not in ("auto", "dali", "host"):
-            raise ValueError(f"HC18DaliSource: decode must be auto, dali or host, got '{decode}'")
         self.ds = dataset
         self.input_hw = dataset.input_hw
         self.intensity = dataset.augment is not None
         self.skip_bad, self.skipped = dataset.skip_bad, dataset.skipped
         self._masks: dict[str, np.ndarray] = {}            # stem -> np.packbits of the 0/1 mask
-        self.decode = self._choose(decode)
-
-    def _choose(self, decode: str) -> str:
-        if decode != "auto":
-            return decode
-        if self.ds._cache is not None:
-            return "host"
-        for path in dict.fromkeys(rec.image_path for rec in self.ds.records):
-            fmt, mode = _header(str(path))
-            if fmt not in DALI_FORMATS or mode != "L":
-                log.info("DALI loader: %s is %s/%s; the host decodes this dataset's images", path, fmt, mode)
-                return "host"
-        return "dali"
+        self.decode = choose_decode(decode, "HC18DaliSource", self.ds._cache is not None,
+                                    dict.fromkeys(str(rec.image_path) for rec in self.ds.records), GREY)
 
     def _mask(self, i: int) -> np.ndarray:
         rec = self.ds.records[i]

@@ -12,35 +12,22 @@ host decodes (the torch path's decoder) and DALI does the rest.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .batch import Batch, collate_samples
-from .dali_pipeline import DaliBatches, DaliItem
+from .dali_pipeline import DaliBatches, DaliItem, choose_decode
 from .errors import DataError, naming_file
 from .hip_dataset import PAD_VALUE, HipDataset, Prepared
 from .labelme import _load_json, _parse_shapes, rasterize_polygons, read_labelme
 from .sampler import ShardedSampler
 from .transforms import draw_intensity
 
-log = logging.getLogger(__name__)
 
-DALI_FORMATS = {"PNG", "JPEG", "BMP"}
-DALI_MODES = {"L", "RGB"}
-
-
-def _header(source: str | bytes) -> tuple[str | None, str | None]:
-    import io
-    try:
-        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as img:
-            return img.format, img.mode
-    except Exception:  # an unreadable header is reported by the host decode (check) when DALI fails on it
-        return None, None
+DALI_MODES = frozenset({"L", "RGB"})
 
 
 class HipDaliSource:
@@ -51,26 +38,13 @@ class HipDaliSource:
     pad_value = PAD_VALUE
 
     def __init__(self, dataset: HipDataset, decode: str = "auto"):
-        if decode not in ("auto", "dali", "host"):
-            raise ValueError(f"HipDaliSource: decode must be auto, dali or host, got '{decode}'")
         self.ds = dataset
         self.input_hw = dataset.input_hw
         self.intensity = dataset.augment is not None
         self.skip_bad, self.skipped = dataset.skip_bad, dataset.skipped
         self._ann: dict[Path, tuple] = {}
-        self.decode = self._choose(decode)
-
-    def _choose(self, decode: str) -> str:
-        if decode != "auto":
-            return decode
-        if self.ds._cache is not None:
-            return "host"
-        for path in dict.fromkeys(self.ds.json_paths):
-            fmt, mode = _header(self._annotation(path)[3])
-            if fmt not in DALI_FORMATS or mode not in DALI_MODES:
-                log.info("DALI loader: %s is %s/%s; the host decodes this dataset's images", path, fmt, mode)
-                return "host"
-        return "dali"
+        self.decode = choose_decode(decode, "HipDaliSource", dataset._cache is not None,
+                                    (self._annotation(p)[3] for p in dict.fromkeys(dataset.json_paths)), DALI_MODES)
 
     def _annotation(self, path: Path) -> tuple:
         """(mask uint8, landmarks, visibility, image source) of one labelme file, parsed once."""

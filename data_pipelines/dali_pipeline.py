@@ -320,5 +320,39 @@ class DaliBatches:
         self._clean = False
 
 
+DALI_FORMATS = frozenset({"PNG", "JPEG", "BMP"})     # what fn.decoders.image is trusted to decode like PIL
+
+
+def image_header(source: str | bytes) -> tuple[str | None, str | None]:
+    """(format, mode) from an image file's header (PIL reads no pixels); (None, None) when unreadable - the host
+    decode then reports the file if DALI fails on it."""
+    import io
+
+    from PIL import Image
+    try:
+        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as img:
+            return img.format, img.mode
+    except Exception:
+        return None, None
+
+
+def choose_decode(decode: str, owner: str, host_only: bool, sources, modes: frozenset[str]) -> str:
+    """A source's decode mode: "dali" / "host" as asked; "auto" -> host when `host_only` (cached pixels, host-side
+    preprocessing) or when any image of `sources` is not a DALI_FORMATS file in one of `modes`, else dali."""
+    if decode not in ("auto", "dali", "host"):
+        raise ValueError(f"{owner}: decode must be auto, dali or host, got '{decode}'")
+    if decode != "auto":
+        return decode
+    if host_only:
+        return "host"
+    for source in sources:
+        fmt, mode = image_header(source)
+        if fmt not in DALI_FORMATS or mode not in modes:
+            name = source if isinstance(source, str) else "an embedded image"
+            log.info("DALI loader: %s is %s/%s; the host decodes this dataset's images", name, fmt, mode)
+            return "host"
+    return "dali"
+
+
 def dali_available() -> bool:
     return HAVE_DALI

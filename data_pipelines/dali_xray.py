@@ -17,7 +17,6 @@ the host (read_grey's 16-bit scaling and luma conversion are the reference).
 from __future__ import annotations
 
 import io
-import logging
 from typing import Sequence
 
 import numpy as np
@@ -25,14 +24,13 @@ import torch
 from PIL import Image
 
 from .batch import Batch, collate_samples
-from .dali_hip import DALI_FORMATS, _header
-from .dali_pipeline import DaliItem
+from .dali_pipeline import DaliItem, choose_decode
 from .errors import DataError, naming_file
 from .transforms import draw_intensity
 from .xray_csv import equalize_hist
 from .xray_dataset import PAD_VALUE, XrayDataset, network_input
 
-log = logging.getLogger(__name__)
+GREY = frozenset({"L"})
 
 
 def encoded_hw(data: np.ndarray) -> tuple[int, int] | None:
@@ -52,8 +50,6 @@ class XrayDaliSource:
     pad_value = PAD_VALUE
 
     def __init__(self, dataset: XrayDataset, decode: str = "auto"):
-        if decode not in ("auto", "dali", "host"):
-            raise ValueError(f"XrayDaliSource: decode must be auto, dali or host, got '{decode}'")
         if decode == "dali" and dataset.equalize:
             raise ValueError("XrayDaliSource: decode='dali' cannot apply the histogram equalisation this dataset "
                              "uses (data.reader_args.equalize=true); use decode='host' or 'auto'")
@@ -61,19 +57,8 @@ class XrayDaliSource:
         self.input_hw = dataset.input_hw
         self.intensity = dataset.augment is not None
         self.skip_bad, self.skipped = dataset.skip_bad, dataset.skipped
-        self.decode = self._choose(decode)
-
-    def _choose(self, decode: str) -> str:
-        if decode != "auto":
-            return decode
-        if self.ds.equalize or self.ds._cache is not None:
-            return "host"
-        for path in dict.fromkeys(rec.image_path for rec in self.ds.records):
-            fmt, mode = _header(str(path))
-            if fmt not in DALI_FORMATS or mode != "L":
-                log.info("DALI loader: %s is %s/%s; the host decodes this dataset's images", path, fmt, mode)
-                return "host"
-        return "dali"
+        self.decode = choose_decode(decode, "XrayDaliSource", self.ds.equalize or self.ds._cache is not None,
+                                    dict.fromkeys(str(rec.image_path) for rec in self.ds.records), GREY)
 
     def item(self, i: int, epoch: int) -> DaliItem:
         return naming_file(self.ds.records[i].csv_path, self._item, i, epoch)
