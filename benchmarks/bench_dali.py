@@ -1,7 +1,8 @@
 """Hip batches per second: the torch path (grid_sample warps, numba or no heatmap targets) vs DALI warps (CPU-only
 pipeline, data_pipelines/dali_hip.py), side by side, batch 8, in this process (no DataLoader workers), at the
-published 384x512 input and the demo's 128x160. Decode and intensity augmentation are the same numpy code in both
-(the DALI path does not decode yet); the DALI column has no heatmaps (they are rendered on the device)."""
+published 384x512 input and the demo's 128x160. Originals are cached decoded (cache_decoded=True), so the DALI
+loader takes the pixels from the host (decode="host") and applies the intensity draws and the warps; the DALI column
+has no heatmaps (they are rendered on the device). Decode included, every loader, GPU: benchmarks/loader_bench.py."""
 import importlib.util
 
 import pytest
