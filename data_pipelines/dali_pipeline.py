@@ -332,7 +332,7 @@ def image_header(source: str | bytes) -> tuple[str | None, str | None]:
     try:
         with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as img:
             return img.format, img.mode
-    except Exception:
+    except (OSError, ValueError, SyntaxError):   # PIL on an unreadable header (UnidentifiedImageError is OSError)
         return None, None
 
 

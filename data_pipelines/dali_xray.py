@@ -38,7 +38,7 @@ def encoded_hw(data: np.ndarray) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data.tobytes())) as img:
             return int(img.size[1]), int(img.size[0])
-    except Exception:  # an unreadable header is reported by check() when DALI fails on the file
+    except (OSError, ValueError, SyntaxError):  # unreadable header: check() names the file when DALI fails on it
         return None
 
 
