@@ -36,8 +36,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write(file)` into a temp file beside `path`, fsync, rename over `path`, fsync the directory."""
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None],
+                  before_publish: Callable[[], None] | None = None) -> None:
+    """Write through `write(file)` into a temp file beside `path`, fsync, rename over `path`, fsync the directory.
+    `before_publish` (the fault-injection tests' hook) runs between the complete temp file and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,6 +48,8 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_publish is not None:
+            before_publish()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,8 +61,8 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_torch_save(obj: Any, path: str | Path, before_publish: Callable[[], None] | None = None) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f), before_publish)
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
@@ -94,8 +98,13 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> None:
+    """Rank 0, after publishing a checkpoint: delete all but the newest `keep_last` (at least 1: the newest is never
+    deleted), and the temp files of checkpoint writes that a killed process left behind (only rank 0 writes, and its
+    own write is complete, so any such file is stale)."""
     found = list_checkpoints(ckpt_dir)
-    for _, p in found[:-keep_last] if keep_last > 0 else found:
+    for _, p in found[:-max(1, keep_last)]:
+        p.unlink(missing_ok=True)
+    for p in Path(ckpt_dir).glob(".ckpt_step*.pt.*.tmp"):
         p.unlink(missing_ok=True)
 
 

@@ -151,7 +151,7 @@ class TrainConfig:
     ckpt_every: int = 200
     """Save a checkpoint every N steps (and always at the end)."""
     keep_last: int = 2
-    """Checkpoints kept besides best.pt (the previous stays until the new one is complete)."""
+    """Checkpoints kept besides best.pt, at least 1 (the previous stays until the new one is complete)."""
     seed: int = 967
     """Base seed; each rank uses seed + rank."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -168,7 +168,7 @@ class TrainConfig:
     """torch.use_deterministic_algorithms (slower on GPU)."""
 
     def __post_init__(self):
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
 

@@ -18,6 +18,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from .checkpoint import atomic_torch_save
+from .faults import save_fault_hook
 from .dist import DistInfo
 
 
@@ -118,8 +119,11 @@ class SingleStrategy:
         """Collective: every rank calls it. Rank 0 writes model/optimizer/scheduler/scaler + client state
         atomically; per-rank entries of client_state (e.g. RNG) must already be gathered by the caller."""
         state = self.state_dict() if self.info.is_main else None
+        fault = save_fault_hook(path, client_state, self.info.rank)
         if self.info.is_main:
-            atomic_torch_save({**state, "client": client_state}, path)
+            atomic_torch_save({**state, "client": client_state}, path, before_publish=fault)
+        else:
+            fault()
         self.barrier()
 
     def load(self, path: str | Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_torch_save, load_checkpoint_file
+from .faults import save_fault_hook
 from .config import DEEPSPEED_OWNED_KEYS, ConfigError, DeepSpeedConfig
 from .dist import DistInfo
 from .strategies import DDPStrategy
@@ -321,6 +322,7 @@ class DeepSpeedStrategy(DDPStrategy):
         tag = self.all_gather_object(f"{path.stem}-{uuid.uuid4().hex[:8]}")[0]  # rank 0's choice, fresh per save
         self.barrier()
         self.engine.save_checkpoint(str(root), tag=tag, client_state={"medpose": client_state}, save_latest=False)
+        save_fault_hook(path, client_state, self.info.rank)()  # test hook: this rank's shards written, not published
         self.barrier()  # every rank's shards are on disk
         if self.info.is_main:
             model = consolidated_state_dict(root, tag, self.zero_stage, self.engine.module) \

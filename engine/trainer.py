@@ -7,8 +7,6 @@ steps equals a run of N steps + resume + N steps.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from data_pipelines.sampler import ShardedSampler
 from .checkpoint import (capture_rng, checkpoint_path, find_latest, prune_checkpoints, restore_rng,
                          update_latest, versions)
 from .config import Config
+from .faults import FAULT_RANK_ENV, FAULT_STEP_ENV, inject_fault  # noqa: F401 (re-exported)
 from .logger import LOG, RunLogger
 
 
@@ -261,33 +260,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- fault injection (tests)
-
-FAULT_STEP_ENV, FAULT_RANK_ENV = "MEDPOSE_FAULT_KILL_AT_STEP", "MEDPOSE_FAULT_RANK"
-
-
-def inject_fault(step: int, rank: int, run_dir: Path) -> None:
-    """Test hook for fault tolerance: with MEDPOSE_FAULT_KILL_AT_STEP=N (and MEDPOSE_FAULT_RANK=r, default 0) in the
-    environment, rank r SIGKILLs itself right after optimizer step N (after that step's checkpoint, if one is due).
-    It does so once per run directory: a marker file `.fault_injected_step<N>_rank<r>` is written first, so the
-    worker group that torchrun --max-restarts starts again (same environment) resumes and runs past step N.
-    Without the variable it does nothing."""
-    at = os.environ.get(FAULT_STEP_ENV)
-    if not at:
-        return
-    try:
-        at_step, at_rank = int(at), int(os.environ.get(FAULT_RANK_ENV, "0"))
-    except ValueError:
-        raise ValueError(f"environment: {FAULT_STEP_ENV}={at!r} / {FAULT_RANK_ENV}="
-                         f"{os.environ.get(FAULT_RANK_ENV)!r} must be integers") from None
-    if at_step != step or at_rank != rank:
-        return
-    marker = Path(run_dir) / f".fault_injected_step{step}_rank{rank}"
-    if marker.exists():
-        return
-    marker.write_text(f"SIGKILL after step {step} on rank {rank} (pid {os.getpid()})\n")
-    LOG.warning("%s=%s: rank %d kills itself after step %d", FAULT_STEP_ENV, at, rank, step)
-    os.kill(os.getpid(), signal.SIGKILL)
-
 
 # ---------------------------------------------------------------------- optimizer and schedule
 

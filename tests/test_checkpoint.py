@@ -31,6 +31,29 @@ def test_latest_pointer_and_pruning(tmp_path):
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 30)
 
 
+def test_pruning_never_deletes_the_newest_and_removes_stale_temp_files(tmp_path):
+    for step in (1, 2):
+        atomic_torch_save({"step": step}, checkpoint_path(tmp_path, step))
+    stale = tmp_path / ".ckpt_step00000003.pt.x1y2.tmp"     # what a writer SIGKILLed before its rename leaves
+    stale.write_bytes(b"partial")
+    prune_checkpoints(tmp_path, keep_last=0)                  # 0 would mean "keep none": the newest stays anyway
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_step00000002.pt"]
+    from engine.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="train.keep_last: must be >= 1"):
+        load_config(None, ["train.keep_last=0"])
+
+
+def test_a_fault_before_the_rename_leaves_the_old_file_in_place(tmp_path):
+    p = tmp_path / "ckpt_step00000001.pt"
+    atomic_torch_save({"v": 1}, p)
+
+    def die():
+        raise KeyboardInterrupt   # stands in for the process dying between the complete temp file and the rename
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"v": 2}, p, before_publish=die)
+    assert torch.load(p)["v"] == 1 and [f.name for f in tmp_path.iterdir()] == [p.name]
+
+
 def test_truncated_checkpoint_error_names_file(tmp_path):
     p = tmp_path / "broken.pt"
     p.write_bytes(b"PK\x03\x04 not a zip")

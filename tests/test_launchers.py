@@ -180,12 +180,14 @@ TINY = ["data.synth_n=40", "data.synth_image_hw=[96, 128]", "data.input_hw=[64, 
 
 
 def run_single_node_script(run_dir: Path, phantom: Path, steps: int, ckpt_every: int, extra_env: dict | None = None,
-                           max_restarts: int = 0) -> subprocess.CompletedProcess:
-    """launch/torchrun_single.sh for real: 2 CPU ranks (gloo), hip_demo with a tiny model, `steps` steps."""
+                           max_restarts: int = 0, extra_args: tuple[str, ...] = (),
+                           check: bool = True) -> subprocess.CompletedProcess:
+    """launch/torchrun_single.sh for real: 2 CPU ranks (gloo), hip_demo with a tiny model, `steps` steps; `check`:
+    assert that it succeeded."""
     env = dict(os.environ, NPROC="2", CORES="2", MAX_RESTARTS=str(max_restarts), NUMBA_THREADING_LAYER="workqueue",
                MPLBACKEND="Agg", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(extra_env or {}))
     args = ["--config", "hip_demo", "--no-test", *TINY, f"data.root={phantom}", f"log.run_dir={run_dir}",
-            f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}"]
+            f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}", *extra_args]
 
     def launch():
         return subprocess.run(["bash", str(LAUNCH / "torchrun_single.sh"), *args], env=env, cwd=REPO,
@@ -193,7 +195,7 @@ def run_single_node_script(run_dir: Path, phantom: Path, steps: int, ckpt_every:
     proc = launch()
     if proc.returncode != 0 and GLOO_TEARDOWN_ABORT in proc.stderr and not (run_dir / "metrics.jsonl").exists():
         proc = launch()   # the rare gloo teardown abort of tests/_dist_utils.py, before any step ran
-    assert proc.returncode == 0, f"{shlex.join(args)}\nSTDERR\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 or not check, f"{shlex.join(args)}\nSTDERR\n{proc.stderr[-6000:]}"
     return proc
 
 
