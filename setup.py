@@ -32,7 +32,7 @@ setup(
         "cv2": ["opencv-python-headless>=4.5"],
         "deepspeed": ["deepspeed>=0.14"],
         "vision": ["torchvision>=0.19", "timm>=1.0"],
-        "seg": ["segmentation-models-pytorch>=0.3", "monai>=1.3", "timm>=1.0", "torchvision>=0.19"],
+        "seg": ["segmentation-models-pytorch>=0.3", "timm>=1.0", "torchvision>=0.19"],
         "dev": ["pytest>=8", "pytest-benchmark>=5"],
     },
     entry_points={"console_scripts": ["medpose=launch.cli:main"]},

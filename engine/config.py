@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     task: str = "hip_us"
-    """Clinical task (keys of engine.tasks.TASKS): hip_us, hip_xray, spine_disc, fetal_head. Picks the metrics,
+    """Clinical task (keys of engine.tasks.TASKS): hip_us, hip_xray, spine_disc, fetal_head, segmentation. Picks the metrics,
     figures and prediction outputs."""
     format: str = "auto"
     """Dataset format (keys of data_pipelines.READERS): labelme, xray_csv, nifti, hc18, coco; auto = the task's own."""
@@ -108,6 +108,9 @@ class ModelConfig:
     """Keyword arguments of the loss builder."""
     decode: Literal["dark", "softargmax", "argmax"] = "dark"
     """Heatmap decoding for landmarks."""
+    init_from: str = ""
+    """Start from these weights (a `medpose pretrain` encoder file, a checkpoint or a state_dict): tensors whose
+    name and shape match are loaded, the rest keep their initialisation; the counts are logged."""
 
 
 @dataclass
@@ -120,8 +123,8 @@ class OptimConfig:
     """Weight decay."""
     momentum: float = 0.9
     """SGD momentum (rmsprop keeps torch's default of none, as the hourglass publication did)."""
-    scheduler: Literal["cosine", "constant", "step"] = "cosine"
-    """LR schedule over train.max_steps (after warmup)."""
+    scheduler: Literal["cosine", "constant", "step", "poly"] = "cosine"
+    """LR schedule over train.max_steps (after warmup), per iteration; poly = lr * (1 - t/T)^poly_power."""
     warmup_steps: int = 0
     """Linear warmup steps."""
     min_lr_ratio: float = 0.02
@@ -130,6 +133,8 @@ class OptimConfig:
     """Steps where the `step` schedule multiplies the LR by step_gamma."""
     step_gamma: float = 0.1
     """Multiplier of the `step` schedule."""
+    poly_power: float = 0.9
+    """Exponent of the `poly` schedule (0.9 as in the segmentation zoo, SEEDS.md §4)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = no clipping; the norm is still logged)."""
 
@@ -260,6 +265,43 @@ class LogConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`medpose pretrain`: contrastive self-supervised pre-training (InfoNCE against a memory bank, SEEDS.md §4)."""
+    layer: str = "auto"
+    """Module (dotted name) whose output feeds the projection; auto = the top-level block with the smallest output."""
+    bank_size: int = 1024
+    """Negative keys kept in the memory bank (FIFO)."""
+    dim: int = 128
+    """Projection size (global average pool -> Linear -> L2 normalisation)."""
+    temperature: float = 0.07
+    """InfoNCE temperature."""
+    momentum: float = 0.99
+    """Key encoder = exponential moving average of the query encoder (0: the same weights, no gradient)."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Images per step (two views each)."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Random resized crop: area fraction range."""
+    jitter: float = 0.4
+    """Colour jitter strength (brightness, contrast, saturation)."""
+    blur_p: float = 0.5
+    """Probability of a Gaussian blur per view."""
+
+    def __post_init__(self):
+        for key in ("bank_size", "dim", "steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"pretrain.{key}: must be >= 1, got {getattr(self, key)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"pretrain.temperature: must be > 0, got {self.temperature}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"pretrain.momentum: must lie in [0, 1), got {self.momentum}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"pretrain.crop_scale: need 0 < low <= high <= 1, got {tuple(self.crop_scale)}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -268,6 +310,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -35,7 +35,7 @@ def to_original_logits(logits_CHW: torch.Tensor, to_input_3x3, orig_hw: tuple[in
 def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callable, autocast) -> tuple[dict, dict]:
     with autocast():
         outputs = model(image_BCHW)
-    outputs = {k: v.float() for k, v in outputs.items()}
+    outputs = {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in outputs.items()}
     return outputs, decode_fn(outputs)
 
 

@@ -52,7 +52,11 @@ def build_model(cfg: Config) -> torch.nn.Module:
         if unknown:
             raise ConfigError(f"model.args: unknown key '{unknown[0]}' for model '{cfg.model.name}' "
                               f"(valid: {', '.join(params)})")
-    return builder(**cfg.model.args)
+    model = builder(**cfg.model.args)
+    if cfg.model.init_from:
+        from .pretrain import init_weights
+        init_weights(model, cfg.model.init_from)
+    return model
 
 
 def resolve_config(cfg: Config) -> Config:

@@ -64,6 +64,11 @@ _SECTIONS = {
 }
 
 
+# DeepSpeed's defaults (elements) for the buckets DeepSpeedStrategy caps at the model's size
+BUCKET_DEFAULTS = {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+                   "stage3_prefetch_bucket_size": int(5e7)}
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -117,6 +122,12 @@ def deepspeed_json(ds: DeepSpeedConfig | dict | None, *, batch_size: int, grad_a
         "steps_per_print": 10**9,  # the engine logs; keep DeepSpeed's own step lines out of the console
         "wall_clock_breakdown": False,
     }
+    if precision in ("bf16", "fp16"):
+        # DeepSpeed 0.19 casts only the parameters and keeps buffers in fp32; BatchNorm then meets half-precision
+        # weights beside fp32 running statistics and fails on the CPU ("expected scalar type BFloat16 but found
+        # Float"). Cast the buffers too, as DeepSpeed's module.half()/bfloat16() did before (older versions ignore
+        # the key).
+        out["data_types"] = {"buffer_dtype": precision}
     for key in ds.extra:
         if key in DEEPSPEED_OWNED_KEYS:
             raise ConfigError(f"dist.deepspeed.extra.{key}: set by {DEEPSPEED_OWNED_KEYS[key]}, not through extra")
@@ -231,12 +242,28 @@ class DeepSpeedStrategy(DDPStrategy):
         model = model.to(self.device)
         if self.zero_stage == 3:  # rank 0's plain copy for Zero3Weights, before DeepSpeed partitions the module
             self._zero3_view = Zero3Weights(self, copy.deepcopy(model).cpu() if self.info.is_main else None)
+        self._cap_buckets(sum(p.numel() for p in model.parameters()))
         engine, _, _, _ = self._ds.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                               config=self.ds_config, dist_init_required=False)
         self.engine = self.model = engine
         # the trainer reads the LR from the torch optimizer's param groups, which DeepSpeed's wrapper shares
         self.optimizer, self.scheduler = optimizer, scheduler
         return engine, optimizer, scheduler
+
+    def _cap_buckets(self, num_params: int) -> None:
+        """Communication buckets no larger than the model. DeepSpeed sizes them for large language models
+        (reduce / all-gather 5e8 elements, ZeRO-3 prefetch 5e7) and ZeRO-3 allocates its reduce bucket whole: 1 GB
+        per rank in bf16 even for a 7 M-parameter network (measured, benchmarks/results/zero_memory_*). Sizes set
+        in dist.deepspeed.extra.zero_optimization are kept."""
+        if self.zero_stage == 0:
+            return
+        zero = self.ds_config["zero_optimization"]
+        user = self.ds_options.extra.get("zero_optimization") or {}
+        for key, default in BUCKET_DEFAULTS.items():
+            if key in user or (key.startswith("stage3_") and self.zero_stage != 3):
+                continue
+            # a multiple of 64 elements: ZeRO-1/2 require the all-gather bucket to be aligned (2 for 16-bit)
+            zero[key] = int(min(default, -(-max(num_params, 1) // 64) * 64))
 
     def unwrap(self, model: nn.Module | None = None) -> nn.Module:
         """The plain module (ZeRO-3: a Zero3Weights view, since the module itself holds only shards)."""

@@ -139,7 +139,7 @@ class Trainer:
         with self.strategy.accumulate(is_boundary):
             with self.strategy.autocast():
                 outputs = self.model(batch.image_BCHW)
-            outputs = {k: v.float() for k, v in outputs.items()}
+            outputs = {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in outputs.items()}
             losses = self.criterion(outputs, batch.targets())
             loss = losses["loss"]
             bad = torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0)
@@ -276,7 +276,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, cfg: Config) -> float:
-    """LR multiplier after `step` optimizer steps: linear warmup, then cosine / constant / step decay."""
+    """LR multiplier after `step` optimizer steps: linear warmup, then cosine / constant / step / poly decay
+    (poly: (1 - t/T)^power over the steps after warmup, reaching 0 at max_steps)."""
     oc, total = cfg.optim, cfg.train.max_steps
     if oc.warmup_steps and step < oc.warmup_steps:
         return (step + 1) / oc.warmup_steps
@@ -285,6 +286,8 @@ def lr_factor(step: int, cfg: Config) -> float:
     if oc.scheduler == "step":
         return oc.step_gamma ** sum(step >= m for m in oc.step_milestones)
     t = (step - oc.warmup_steps) / max(total - oc.warmup_steps, 1)
+    if oc.scheduler == "poly":
+        return max(1.0 - t, 0.0) ** oc.poly_power
     return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 

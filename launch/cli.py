@@ -26,6 +26,9 @@ EPILOG = """examples:
   medpose train --config xray_demo        hip X-ray keypoints (EfficientNet-V2 regression) on a synthetic pelvis set
   medpose train --config spine_demo       stacked hourglass disc labelling on synthetic sagittal MRI (NIfTI)
   medpose train --config hc18_unet        fetal-head segmentation + HC on ../shared/data/hc18 (real HC18 subset)
+  medpose train --config seg_zoo model.name=attention_unet   any of the 31 zoo networks (synthetic HC18 layout)
+  medpose pretrain --config seg_zoo pretrain.steps=300   InfoNCE pre-training -> model.init_from=.../encoder.pt
+  medpose models                          every model with its parameter count; `medpose models unet_pp` one pass
   medpose data to-coco --config xray_demo --out data/xray_coco   any dataset as COCO keypoints (data.format=coco)
 """
 
@@ -96,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="train", choices=["train", "val", "test"])
     c.add_argument("--out", required=True, help="output folder (annotations.json + images/)")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    from launch.models_cmd import add_parser as add_models_parser
+    add_models_parser(sub)
+
+    r = sub.add_parser("pretrain", help="contrastive self-supervised pre-training of a model's encoder",
+                       description="InfoNCE against a memory bank (pretrain.bank_size keys, pretrain.dim-d, "
+                                   "temperature pretrain.temperature) on two augmented views of the training "
+                                   "images, features from pretrain.layer; writes OUT/encoder.pt for fine-tuning "
+                                   "with model.init_from=OUT/encoder.pt (SEEDS.md section 4).")
+    r.add_argument("--config", "-c", default="seg_zoo", help="YAML file or bundled config name (default: seg_zoo)")
+    r.add_argument("--out", help="output folder (default: runs/pretrain_<log.name>)")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. pretrain.steps=500 model.name=unet")
 
     m = sub.add_parser("demo", help="the main job: phantom data → train MultiHipPoseNet → held-out report",
                        description="Generates the phantom, trains with launch/configs/hip_demo.yaml and writes "
@@ -176,6 +191,23 @@ def _to_coco(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    from engine.config import load_config
+    from engine.pretrain import pretrain
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.log.runs_root) / f"pretrain_{cfg.log.name}"
+    s = pretrain(cfg, out)
+    print(f"InfoNCE loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} (chance {s['chance_loss']:.3f}) over "
+          f"{s['steps']} steps, features from '{s['layer']}'.\nFine-tune with: medpose train --config "
+          f"{args.config} model.init_from={s['encoder']}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from launch.models_cmd import run
+    return run(args)
+
+
 def _cmd_demo(args) -> int:
     import time
 
@@ -198,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import ConfigError
     from data_pipelines.errors import DataError, OptionError
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "data": _cmd_data,
-                "demo": _cmd_demo}
+                "demo": _cmd_demo, "models": _cmd_models,
+                "pretrain": _cmd_pretrain}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, OptionError, FileNotFoundError) as e:

@@ -12,16 +12,20 @@ from .efficientnet_kpt import MODELS_KPT
 from .hourglass import CRITERIA_HG, MODELS_HG
 from .losses import MultiHipPoseCriterion
 from .losses_kpt import CRITERIA_KPT
+from .losses_seg import SegCriterion
 from .multihipposenet import build_multihipposenet
+from .seg import MODELS_SEG
 from .unet import MODELS_UNET
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"multihipposenet": build_multihipposenet, **MODELS_KPT, **MODELS_HG,
-                                               **MODELS_UNET}
+                                               **MODELS_UNET, **MODELS_SEG}
 
+# Every segmentation-zoo model (models/seg) trains with SegCriterion (named losses and weighted sums) by default.
 # The UNet multi-task model trains with MultiHipPoseNet's loss (focal + Dice segmentation, weighted heatmap MSE).
 CRITERIA: dict[str, Callable[..., nn.Module]] = {"multihipposenet": MultiHipPoseCriterion,
                                                  "unet_multitask": MultiHipPoseCriterion, **CRITERIA_KPT,
-                                                 **CRITERIA_HG}
+                                                 **CRITERIA_HG, "seg": SegCriterion,
+                                                 **{name: SegCriterion for name in MODELS_SEG}}
 
 
 def build_criterion(name: str = "multihipposenet", **kwargs) -> nn.Module:

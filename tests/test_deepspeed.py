@@ -5,7 +5,11 @@ All multi-process runs share ONE torchrun launch (tests/deepspeed_worker.py runs
 the same two processes), so DeepSpeed's import and the process group are paid once. Measured on this CPU: the
 ZeRO-1/2/3 loss curves equal DDP's exactly (max |Δloss| = 0.0 over 6 steps) and the grad norms within 6e-8; the
 tests assert rtol=1e-5, atol=1e-6."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,6 +72,7 @@ def test_generated_json_equals_expected():
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 50,  # extra merged last wins
         "wall_clock_breakdown": False,
+        "data_types": {"buffer_dtype": "bf16"},   # BatchNorm statistics follow the bf16 weights
     }
 
 
@@ -309,3 +314,51 @@ def test_trainer_zero3_final_report_uses_best_weights(trained):
     assert len(list((run / "figures" / "overlays").glob("*.png"))) == 1
     best = load_checkpoint_file(run / "checkpoints" / "best.pt")
     assert best["client"]["step"] == 4
+
+
+BN_BF16_SCRIPT = r"""
+import json, sys, torch
+from torch import nn
+sys.path.insert(0, sys.argv[1])
+from benchmarks.zero_memory import malloc_in_use
+from engine.dist import read_dist_info
+from engine.strategies import build_strategy
+info = read_dist_info({}, use_cuda=False)
+strat = build_strategy("deepspeed", info, grad_accum=1, grad_clip=0.0, precision="bf16", batch_size=2,
+                       deepspeed={"zero_stage": 3, "consolidate_on_save": False})
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 2, 1))
+n = sum(p.numel() for p in model.parameters())
+base = malloc_in_use()
+model, opt, _ = strat.setup(model, torch.optim.Adam(model.parameters(), lr=1e-2), None)
+after_setup = malloc_in_use() - base
+x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 2, 8, 8)
+losses = []
+for _ in range(4):
+    with strat.accumulate(is_boundary=True), strat.autocast():
+        loss = ((model(x).float() - y) ** 2).mean()
+    strat.backward(loss)
+    strat.step()
+    strat.zero_grad()
+    losses.append(float(loss))
+zero = strat.ds_config["zero_optimization"]
+print(json.dumps({"n": n, "losses": losses, "after_setup": after_setup, "zero": zero}))
+strat.close()
+"""
+
+
+def test_zero3_bf16_with_batchnorm_trains_and_buckets_fit_the_model(tmp_path):
+    """Two regressions found by benchmarks/zero_memory.py: DeepSpeed 0.19 leaves BatchNorm's running statistics in
+    fp32 beside bf16 weights ("expected scalar type BFloat16 but found Float" on the CPU), and ZeRO-3 allocated its
+    default 5e8-element reduce bucket whole (~1 GB per rank) for any model."""
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    script = tmp_path / "bn_bf16.py"
+    script.write_text(BN_BF16_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(REPO)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["losses"][-1] < got["losses"][0]
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+        assert got["zero"][key] == -(-got["n"] // 64) * 64, key          # the model, rounded up to 64 elements
+    assert got["after_setup"] < 64 * 2 ** 20, got["after_setup"]      # was ~1 GB with DeepSpeed's bucket sizes

@@ -146,4 +146,4 @@ def test_criterion_renders_missing_heatmap_and_rejects_bad_targets():
     with pytest.raises(ValueError, match=r"models/losses.py: mask_BHW values"):
         build_criterion()(outputs, bad)
     with pytest.raises(KeyError, match="no criterion"):
-        build_criterion("unet")
+        build_criterion("unet4")

@@ -165,7 +165,8 @@ EVERY_MODEL = {
 
 def test_every_registered_model_has_a_predict_case():
     from models import MODELS
-    assert sorted(EVERY_MODEL) == sorted(MODELS)
+    from models.seg import SEG_SPECS        # the segmentation zoo: tests/test_seg_zoo_e2e.py, every model
+    assert sorted(EVERY_MODEL) == sorted(set(MODELS) - set(SEG_SPECS))
 
 
 @pytest.mark.parametrize("name", sorted(EVERY_MODEL))

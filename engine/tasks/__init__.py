@@ -8,10 +8,11 @@ from .base import Task
 from .hip_us import HipUltrasoundTask
 from .fetal_head import FetalHeadTask
 from .hip_xray import HipXrayTask
+from .segmentation import SegmentationTask
 from .spine_disc import SpineDiscTask
 
 TASKS: dict[str, type[Task]] = {"hip_us": HipUltrasoundTask, "hip_xray": HipXrayTask, "spine_disc": SpineDiscTask,
-                                "fetal_head": FetalHeadTask}
+                                "fetal_head": FetalHeadTask, "segmentation": SegmentationTask}
 
 
 def build_task(name: str, task_args: dict[str, Any] | None = None) -> Task:

@@ -105,3 +105,30 @@ def figure_formatter(figures: dict[str, float], digits: int = 3) -> Callable[...
         v = figures.get(key)
         return "n/a" if v is None or not math.isfinite(v) else f"{v * scale:.{digits}g}{unit}"
     return f
+
+
+def predict_originals(ids, model, dataset, decode: Callable):
+    """(id, original sample, prediction in its original frame) for each id of `ids` the dataset holds: one
+    eval-mode forward pass each (the task figures' overlays). The model's training mode is restored."""
+    import contextlib
+
+    import torch
+
+    from engine.evaluate import predict_batch, sample_prediction
+    index_of = {dataset.sample_id(i): i for i in range(len(dataset))}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for sid in ids:
+                if sid not in index_of:
+                    continue
+                i = index_of[sid]
+                sample, orig = dataset[i], dataset.original(i)
+                outputs, preds = predict_batch(model, sample["image_CHW"][None].to(device), decode,
+                                               contextlib.nullcontext)
+                hw = np.asarray(orig["image_HW3"]).shape[:2]
+                yield sid, orig, sample_prediction(outputs, preds, 0, sample["meta"]["to_input_3x3"], hw)
+    finally:
+        model.train(was_training)

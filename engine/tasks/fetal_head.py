@@ -13,7 +13,6 @@ counted (hc_failures). The accumulator holds sums and counts only (all-reduce SU
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +27,7 @@ from engine.plots import _save
 
 from engine.metrics import SummedState
 
-from .base import Task, figure_formatter
+from .base import Task, figure_formatter, predict_originals
 
 _WHERE = "engine/tasks/fetal_head.py"
 # HC error sums: abs, signed, squared signed, count, failures (mask) / the same from landmarks
@@ -269,27 +268,11 @@ class FetalHeadTask(Task):
             written += self._overlays(out_dir, records, model, dataset, decode)
         return written
 
-    @torch.no_grad()
     def _overlays(self, out_dir: Path, records, model, dataset, decode: Callable) -> list[Path]:
-        from engine.evaluate import predict_batch, sample_prediction
-        index_of = {dataset.sample_id(i): i for i in range(len(dataset))}
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        written = []
-        for sid in _overlay_picks(records, self.num_overlays):
-            if sid not in index_of:
-                continue
-            i = index_of[sid]
-            sample, orig = dataset[i], dataset.original(i)
-            outputs, preds = predict_batch(model, sample["image_CHW"][None].to(device), decode,
-                                           contextlib.nullcontext)
-            pred = sample_prediction(outputs, preds, 0, sample["meta"]["to_input_3x3"], orig["mask_HW"].shape)
-            px_mm = float(np.asarray(orig["spacing_mm_2"])[0])
-            written.append(draw_head_overlay(orig["image_HW3"], pred, orig, out_dir / f"overlay_{sid}.png",
-                                             title=str(sid), pixel_size_mm=px_mm))
-        model.train(was_training)
-        return written
+        return [draw_head_overlay(orig["image_HW3"], pred, orig, out_dir / f"overlay_{sid}.png", title=str(sid),
+                                  pixel_size_mm=float(np.asarray(orig["spacing_mm_2"])[0]))
+                for sid, orig, pred in predict_originals(_overlay_picks(records, self.num_overlays), model, dataset,
+                                                         decode)]
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
         f = figure_formatter(figures, digits=4)
