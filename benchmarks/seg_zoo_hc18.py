@@ -82,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [f"| model | model.args | parameters | Dice (fg) | Dice (with bg) | mIoU (fg) | mIoU (with bg) | "
              f"HD95 mm | train samples/s | wall |", "|---|---|---|---|---|---|---|---|---|---|"]
+    def f(v, digits=3):
+        return "n/a" if v is None or v != v else f"{v:.{digits}f}"
     for r in rows:
-        lines.append(f"| {r['model']} | `{json.dumps(r['args'])}` | {r['params'] / 1e6:.2f} M | {r['dice']:.3f} | "
-                     f"{r['dice_with_bg']:.3f} | {r['miou']:.3f} | {r['miou_with_bg']:.3f} | {r['hd95_mm']:.2f} | "
-                     f"{r['samples_per_s']:.1f} | {r['wall_s'] / 60:.1f} min |")
+        lines.append(f"| {r['model']} | `{json.dumps(r['args'])}` | {r['params'] / 1e6:.2f} M | {f(r['dice'])} | "
+                     f"{f(r['dice_with_bg'])} | {f(r['miou'])} | {f(r['miou_with_bg'])} | {f(r['hd95_mm'], 2)} | "
+                     f"{f(r['samples_per_s'], 1)} | {r['wall_s'] / 60:.1f} min |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

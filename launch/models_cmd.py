@@ -25,6 +25,18 @@ def _build(name: str, args: dict[str, Any], device: str | torch.device = "cpu") 
         return MODELS[name](**args)
 
 
+# what the landmark networks are (the zoo's entries carry their paper in SegSpec)
+LANDMARK_REFS = {
+    "multihipposenet": "MultiHipPoseNet (SEEDS §1): ME-GCT experts + MT-GALM graph layer, hip ultrasound",
+    "hourglass": "stacked hourglass + multi-level attention (SEEDS §3), spine disc labelling",
+    "efficientnet": "EfficientNet keypoint regressor (SEEDS §2), hip X-ray",
+    "efficientnet_cbam": "EfficientNet + CBAM on the last stage (SEEDS §2)",
+    "efficientnet_ms_cbam_3scales": "EfficientNet + CBAM on 3 scales (SEEDS §2, published)",
+    "efficientnet_heatmap": "EfficientNet + FPN-style heatmap head (SEEDS §2 variant)",
+    "unet_multitask": "small UNet, segmentation + landmark heatmaps (Ronneberger et al. 2015)",
+}
+
+
 def model_rows() -> list[dict[str, Any]]:
     """name, family, source, parameters (default build, 3 channels in, 2 classes for the zoo), paper."""
     from models.registry import MODELS
@@ -35,8 +47,8 @@ def model_rows() -> list[dict[str, Any]]:
         model = _build(name, {}, "meta")         # no memory, no init cost: only the shapes
         rows.append({"name": name, "family": "segmentation" if spec else "landmarks",
                      "source": spec.source if spec else "own", "multiple": spec.multiple if spec else None,
-                     "params": count_parameters(model), "paper": spec.paper if spec else
-                     (type(model).__doc__ or "").strip().split("\n")[0][:70]})
+                     "params": count_parameters(model),
+                     "paper": spec.paper if spec else LANDMARK_REFS.get(name, type(model).__name__)})
     return rows
 
 
@@ -72,9 +84,9 @@ def _parse_args(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if not args.name:
         rows = model_rows()
-        print(f"{'model':20s} {'family':13s} {'source':11s} {'parameters':>12s}  reference")
+        print(f"{'model':28s} {'family':13s} {'source':11s} {'parameters':>12s}  reference")
         for r in rows:
-            print(f"{r['name']:20s} {r['family']:13s} {r['source']:11s} {r['params'] / 1e6:>10.2f} M  {r['paper']}")
+            print(f"{r['name']:28s} {r['family']:13s} {r['source']:11s} {r['params'] / 1e6:>10.2f} M  {r['paper']}")
         print(f"\n{len(rows)} models. `medpose models NAME` runs one forward pass (shapes, FLOPs); "
               f"train one with model.name=NAME (configs: seg_zoo for the segmentation zoo).")
         return 0
