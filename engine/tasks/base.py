@@ -132,3 +132,13 @@ def predict_originals(ids, model, dataset, decode: Callable):
                 yield sid, orig, sample_prediction(outputs, preds, 0, sample["meta"]["to_input_3x3"], hw)
     finally:
         model.train(was_training)
+
+
+def spread_picks(records: list[dict[str, Any]], field: str, n: int, by_abs_descending: bool = False) -> list[Any]:
+    """Ids of up to n records spread evenly over the range of a finite `field`: the worst, the median and the best
+    (ascending order of the field, or of its absolute value descending, for signed errors)."""
+    scored = sorted((r for r in records if r.get(field) is not None and math.isfinite(r[field])),
+                    key=lambda r: abs(r[field]) if by_abs_descending else r[field], reverse=by_abs_descending)
+    if len(scored) <= n:
+        return [r["id"] for r in scored]
+    return [scored[i]["id"] for i in np.unique(np.linspace(0, len(scored) - 1, n).round().astype(int))]

@@ -27,7 +27,7 @@ from engine.plots import _save
 
 from engine.metrics import SummedState
 
-from .base import Task, figure_formatter, predict_originals
+from .base import Task, figure_formatter, predict_originals, spread_picks
 
 _WHERE = "engine/tasks/fetal_head.py"
 # HC error sums: abs, signed, squared signed, count, failures (mask) / the same from landmarks
@@ -223,16 +223,6 @@ def draw_head_overlay(image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[s
     return _save(fig, out_path)
 
 
-def _overlay_picks(records: list[dict[str, Any]], n: int) -> list[str]:
-    """Ids to draw: the worst HC errors, the median and the best (spread over the error range)."""
-    scored = sorted((r for r in records if r.get("hc_err_mm") is not None and math.isfinite(r["hc_err_mm"])),
-                    key=lambda r: abs(r["hc_err_mm"]), reverse=True)
-    if len(scored) <= n:
-        return [r["id"] for r in scored]
-    idx = np.unique(np.linspace(0, len(scored) - 1, n).round().astype(int))
-    return [scored[i]["id"] for i in idx]
-
-
 # ------------------------------------------------------------------------------------------------------------ task
 class FetalHeadTask(Task):
     name = "fetal_head"
@@ -271,8 +261,9 @@ class FetalHeadTask(Task):
     def _overlays(self, out_dir: Path, records, model, dataset, decode: Callable) -> list[Path]:
         return [draw_head_overlay(orig["image_HW3"], pred, orig, out_dir / f"overlay_{sid}.png", title=str(sid),
                                   pixel_size_mm=float(np.asarray(orig["spacing_mm_2"])[0]))
-                for sid, orig, pred in predict_originals(_overlay_picks(records, self.num_overlays), model, dataset,
-                                                         decode)]
+                for sid, orig, pred in predict_originals(
+                    spread_picks(records, "hc_err_mm", self.num_overlays, by_abs_descending=True), model, dataset,
+                    decode)]
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
         f = figure_formatter(figures, digits=4)

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from engine.metrics import SummedState, confusion_matrix, hd95
 from engine.plots import _save, plot_per_class_bars
 
-from .base import Task, figure_formatter, predict_originals
+from .base import Task, figure_formatter, predict_originals, spread_picks
 
 _WHERE = "engine/tasks/segmentation.py"
 _COLOURS = ("#ffd700", "#00e5ff", "#ff4081", "#76ff03", "#ff9100", "#d500f9", "#1de9b6", "#ff1744")
@@ -157,15 +157,6 @@ def draw_contours(image_HW3: np.ndarray, pred_mask_HW: np.ndarray | None, true_m
     return _save(fig, out_path)
 
 
-def _picks(records: list[dict[str, Any]], n: int) -> list[Any]:
-    """Ids spread over the Dice range: worst first, then towards the best."""
-    scored = sorted((r for r in records if r.get("dice") is not None and math.isfinite(r["dice"])),
-                    key=lambda r: r["dice"])
-    if len(scored) <= n:
-        return [r["id"] for r in scored]
-    return [scored[i]["id"] for i in np.unique(np.linspace(0, len(scored) - 1, n).round().astype(int))]
-
-
 class SegmentationTask(Task):
     name = "segmentation"
     default_format = "hc18"
@@ -221,7 +212,8 @@ class SegmentationTask(Task):
         dice_of = {r["id"]: r["dice"] for r in records}
         return [draw_contours(orig["image_HW3"], pred["mask_HW"], orig["mask_HW"], out_dir / f"overlay_{sid}.png",
                               names, title=f"{sid}  Dice {dice_of.get(sid, math.nan):.3f}")
-                for sid, orig, pred in predict_originals(_picks(records, self.num_overlays), model, dataset, decode)]
+                for sid, orig, pred in predict_originals(spread_picks(records, "dice", self.num_overlays), model,
+                                                         dataset, decode)]
 
     def summary_lines(self, figures: dict[str, float]) -> list[str]:
         f = figure_formatter(figures, digits=4)
