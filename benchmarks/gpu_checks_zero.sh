@@ -6,6 +6,11 @@
 #   2. samples/s of DDP vs ZeRO-2 on the published hourglass (2 x 256, 256 x 256) and MultiHipPoseNet (384 x 512).
 # Results land in $OUT (largest.md / throughput.md + JSON). Each stage has its own time limit.
 #   OUT=dir bash benchmarks/gpu_checks_zero.sh          (env: WORLD = GPUs to use, default all; LARGEST_S, TPUT_S)
+# Make .whl/ first (12 MB, carried to the GPU machine as an ignored path), for each Python the machine may have:
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8          (PyPI has its source; this builds the pure-Python wheel)
+#   pip download --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 -d .whl \
+#     hjson py-cpuinfo msgpack ninja pydantic einops packaging psutil tqdm
+# (numpy and torch come with the machine; drop the numpy wheels pip adds)
 set -u
 OUT=${OUT:-/tmp/gpu_zero}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg PYTHONPATH=$PWD
