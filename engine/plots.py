@@ -47,6 +47,14 @@ _CURVES: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
 )
 
 
+def image_axes(ax, w: int, h: int, title: str = "", fontsize: int = 10) -> None:
+    """An image's axes in pixel coordinates (pixel centres at integers, y down), no ticks, with a title."""
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_axis_off()
+    ax.set_title(title or "", fontsize=fontsize)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{_WHERE}: metrics file {path} does not exist")
@@ -246,13 +254,10 @@ def plot_overlay(image: Any, pred_mask_HW: Any, pred_kpts_K2: Any, out_path: Pat
         tok = np.isfinite(true_k).all(1)
         handles.append(ax.scatter(true_k[tok, 0], true_k[tok, 1], s=55, facecolors="none", edgecolors="cyan",
                                   linewidths=1.5, zorder=4, label="truth"))
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_axis_off()
+    image_axes(ax, w, h, title)
     # dark legend so the white baseline and the yellow markers stay visible in it
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, facecolor="#303030",
               labelcolor="white", framealpha=1.0)
-    ax.set_title(title or "", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_path, tight=True)
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from engine.plots import _save, plot_per_class_bars
+from engine.plots import _save, image_axes, plot_per_class_bars
 
 _WHERE = "engine/plots_spine.py"
 TRUTH_COLOUR, PRED_COLOUR = "#00e5ff", "#ffd400"
@@ -50,10 +50,7 @@ def draw_disc_panel(ax, image_HW3: np.ndarray, pred_K2: Any, pred_present_K: Any
     for k in np.flatnonzero(pok):
         ax.annotate(labels[k], pred[k], xytext=(5, 0), textcoords="offset points", color=PRED_COLOUR, fontsize=6,
                     ha="left", va="center")
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=8)
+    image_axes(ax, w, h, title, fontsize=8)
 
 
 def plot_disc_overlay(image_HW3: Any, pred_K2: Any, pred_present_K: Any, out_path: Path | str, true_K2: Any = None,

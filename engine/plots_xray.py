@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from engine.geometry_xray import (P1, P3, P7, P9, acetabular_index_deg, hilgenreiner_frame, ihdi_grades, roman)
-from engine.plots import _line_across, _save
+from engine.plots import _line_across, _save, image_axes
 
 _WHERE = "engine/plots_xray.py"
 GRADE_LABELS = ("I", "II", "III", "IV")
@@ -179,10 +179,7 @@ def plot_xray_comparison(image: Any, pred_kpts_K2: Any, out_path: Path | str, tr
                                     "yellow", "-", "pred"))
     ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
             family="monospace", color="white", bbox=dict(boxstyle="round", facecolor="black", alpha=0.6))
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_axis_off()
+    image_axes(ax, w, h, title)
     ax.legend(loc="lower right", fontsize=8, facecolor="#303030", labelcolor="white")
-    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out_path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _dali_cases import assert_eval_shards_see_every_sample_once
 from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError
 from data_pipelines.hc18 import HC18_FLIP_PAIRS, HC18Dataset
@@ -90,17 +91,7 @@ def test_the_decode_choice_and_the_packed_masks(root):
 
 def test_dali_evaluation_shards_see_every_sample_once(root):
     from data_pipelines.dali_hc18 import HC18DaliSource
-    from data_pipelines.loaders import make_batches
-    ds = _dataset(root, None)
-    seen = []
-    for rank in range(2):
-        sampler = ShardedSampler(len(ds), rank, 2, shuffle=False, drop_last=False, batch_size=2)
-        loader = make_batches(ds, 2, sampler, "dali")
-        assert isinstance(loader.source, HC18DaliSource)
-        batches = list(loader)
-        assert [b.size for b in batches] == ([2, 2] if rank == 0 else [2, 1])   # 7 samples: 4 + 3
-        seen += [m["index"] for b in batches for m in b.meta]
-    assert sorted(seen) == list(range(len(ds)))
+    assert_eval_shards_see_every_sample_once(_dataset(root, None), HC18DaliSource)
 
 
 def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _dali_cases import assert_eval_shards_see_every_sample_once
 from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError
 from data_pipelines.sampler import ShardedSampler
@@ -98,17 +99,7 @@ def test_cached_equalised_host_pixels_give_the_uncached_batch(csvs):
 
 def test_dali_evaluation_shards_see_every_sample_once(csvs):
     from data_pipelines.dali_xray import XrayDaliSource
-    from data_pipelines.loaders import make_batches
-    ds = _dataset(csvs, None)
-    seen = []
-    for rank in range(2):
-        sampler = ShardedSampler(len(ds), rank, 2, shuffle=False, drop_last=False, batch_size=2)
-        loader = make_batches(ds, 2, sampler, "dali")
-        assert isinstance(loader.source, XrayDaliSource)
-        batches = list(loader)
-        assert [b.size for b in batches] == ([2, 2] if rank == 0 else [2, 1])   # 7 samples: 4 + 3
-        seen += [m["index"] for b in batches for m in b.meta]
-    assert sorted(seen) == list(range(len(ds)))
+    assert_eval_shards_see_every_sample_once(_dataset(csvs, None), XrayDaliSource)
 
 
 def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from data_pipelines.hc18 import HC18_KPT_NAMES
 from engine import ellipse as ell
-from engine.plots import _save
+from engine.plots import _save, image_axes
 
 from engine.metrics import SummedState
 
@@ -215,10 +215,7 @@ def draw_head_overlay(image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[s
         lines.append(f"HC reference   {float(truth['hc_mm']):.1f} mm")
     ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=9,
             family="monospace", color="white", bbox=dict(boxstyle="round", facecolor="black", alpha=0.6))
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
+    image_axes(ax, w, h, title)
     fig.tight_layout()
     return _save(fig, out_path)
 

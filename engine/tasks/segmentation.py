@@ -23,7 +23,7 @@ import torch
 from matplotlib.figure import Figure
 
 from engine.metrics import SummedState, confusion_matrix, hd95
-from engine.plots import _save, plot_per_class_bars
+from engine.plots import _save, image_axes, plot_per_class_bars
 
 from .base import Task, figure_formatter, predict_originals, spread_picks
 
@@ -149,10 +149,7 @@ def draw_contours(image_HW3: np.ndarray, pred_mask_HW: np.ndarray | None, true_m
     handles += [Line2D([], [], color="white", linestyle="solid", label="truth"),
                 Line2D([], [], color="white", linestyle="dashed", label="prediction")]
     ax.legend(handles=handles, loc="lower right", fontsize=8, facecolor="black", labelcolor="white", framealpha=0.6)
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
+    image_axes(ax, w, h, title)
     fig.tight_layout()
     return _save(fig, out_path)
 
