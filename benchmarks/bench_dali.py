@@ -1,5 +1,5 @@
 """Hip batches per second: the torch path (grid_sample warps, numba or no heatmap targets) vs DALI warps (CPU-only
-pipeline, data_pipelines/dali_hip.py), side by side, batch 8, in this process (no DataLoader workers), at the
+pipeline, data_pipelines/dali/hip.py), side by side, batch 8, in this process (no DataLoader workers), at the
 published 384x512 input and the demo's 128x160. Originals are cached decoded (cache_decoded=True), so the DALI
 loader takes the pixels from the host (decode="host") and applies the intensity draws and the warps; the DALI column
 has no heatmaps (they are rendered on the device). Decode included, every loader, GPU: benchmarks/loader_bench.py."""
@@ -10,7 +10,7 @@ import pytest
 from data_pipelines.batch import collate_samples
 from data_pipelines.hip_dataset import HipDataset
 from data_pipelines.sampler import ShardedSampler
-from data_pipelines.synth_hip import generate_hip_dataset
+from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
 
 BATCH = 8
@@ -33,7 +33,7 @@ def test_hip_batches(benchmark, record, files, size, provider):
                     cache_decoded=True)
     sampler = ShardedSampler(len(ds), shuffle=True, drop_last=True, batch_size=BATCH)
     if provider == "dali-cpu":
-        from data_pipelines.dali_hip import DaliHipBatches
+        from data_pipelines.dali.hip import DaliHipBatches
         loader = DaliHipBatches(ds, BATCH, sampler, num_threads=2)
         run = lambda: list(loader)  # noqa: E731
     else:

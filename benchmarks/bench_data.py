@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.batch import collate_samples
 from data_pipelines.hip_dataset import HipDataset
-from data_pipelines.synth_hip import generate_hip_dataset
+from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
 
 N_BATCHES, BATCH = 8, 8

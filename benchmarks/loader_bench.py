@@ -5,7 +5,7 @@ and what each loader costs a MultiHipPoseNet training step.
     python benchmarks/loader_bench.py --quick                                # seconds-scale smoke run (any device)
     python benchmarks/loader_bench.py --sizes 384x512,256x256 --workers 0,2 --n-images 32 --providers torch-pil,dali-cpu
 
-Data: `--n-images` phantom hips (data_pipelines.synth_hip, 240x320 unless --image-hw) written once per `--format`
+Data: `--n-images` phantom hips (data_pipelines.synthetic.hip, 240x320 unless --image-hw) written once per `--format`
 (png, and jpg = quality-95 JPEG, what DALI's nvJPEG decodes) into a temporary folder. Every sample is decoded each
 time it is loaded (cache_decoded=False) and augmented (AugmentParams(flip_p=0.5): affine, flip, intensity).
 
@@ -65,7 +65,7 @@ from data_pipelines.batch import Batch, collate_samples  # noqa: E402
 from data_pipelines.hip_dataset import HipDataset  # noqa: E402
 from data_pipelines.loaders import make_batches  # noqa: E402
 from data_pipelines.sampler import ShardedSampler  # noqa: E402
-from data_pipelines.synth_hip import generate_hip_dataset  # noqa: E402
+from data_pipelines.synthetic.hip import generate_hip_dataset  # noqa: E402
 from data_pipelines.transforms import AugmentParams  # noqa: E402
 from kernels.heatmap_render import render_heatmaps  # noqa: E402
 

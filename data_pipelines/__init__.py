@@ -6,7 +6,7 @@ from data_pipelines.hip_data import build_hip_data
 from data_pipelines.hip_data import load_for_predict as load_labelme_for_predict
 from data_pipelines.coco_data import build_coco_data
 from data_pipelines.coco_data import load_for_predict as load_coco_for_predict
-from data_pipelines.coco_export import dataset_to_coco, export_coco
+from data_pipelines.readers.coco_export import dataset_to_coco, export_coco
 from data_pipelines.hc18 import build_hc18_data
 from data_pipelines.hc18 import load_for_predict as load_hc18_for_predict
 from data_pipelines.spine_dataset import build_nifti_data
@@ -14,10 +14,10 @@ from data_pipelines.spine_dataset import load_for_predict as load_nifti_for_pred
 from data_pipelines.xray_dataset import build_xray_csv_data
 from data_pipelines.xray_dataset import load_for_predict as load_xray_for_predict
 from data_pipelines.hip_dataset import HipDataset, find_labelme_files
-from data_pipelines.labelme import (HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, LabelmeInfo, LabelmeRecord,
+from data_pipelines.readers.labelme import (HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, LabelmeInfo, LabelmeRecord,
                                     polygon_mask, rasterize_polygons, read_labelme, validate_labelme)
 from data_pipelines.splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
-from data_pipelines.synth_hip import (PhantomSample, acute_angle_deg, generate_hip_dataset, graf_angles_deg,
+from data_pipelines.synthetic.hip import (PhantomSample, acute_angle_deg, generate_hip_dataset, graf_angles_deg,
                                       render_phantom)
 from data_pipelines.transforms import (AugmentParams, add_speckle_noise, adjust_brightness_contrast, adjust_gamma,
                                        apply_flip_pairs, augment_intensity, gaussian_blur, letterbox_matrix,

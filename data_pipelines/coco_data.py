@@ -1,8 +1,8 @@
 """COCO run-level data: reader options, the synthetic phantom as COCO, train / val / test splits and the
 prediction input (reader contract: data_pipelines/task_data.py).
 
-The files are read by data_pipelines/coco.py (read_coco, CocoDataset); the phantom is written with
-data_pipelines/coco_export.py (dataset_to_coco).
+The files are read by data_pipelines/readers/coco.py (read_coco, CocoDataset); the phantom is written with
+data_pipelines/readers/coco_export.py (dataset_to_coco).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from data_pipelines import task_data
-from data_pipelines.coco import (SPLIT_NAMES, CocoDataset, CocoIndex, CocoSample, _is_int, _is_num, _to_input,
+from data_pipelines.readers.coco import (SPLIT_NAMES, CocoDataset, CocoIndex, CocoSample, _is_int, _is_num, _to_input,
                                  decode_image_CHW, read_coco, resolve_flip_pairs, sample_mask)
-from data_pipelines.coco_export import dataset_to_coco
+from data_pipelines.readers.coco_export import dataset_to_coco
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.transforms import letterbox_matrix, sampling_grid
 
@@ -44,7 +44,7 @@ def coco_options(data_cfg) -> dict[str, Any]:
     }
     for key, ok in checks.items():
         if not ok:
-            raise OptionError(f"data.reader_args.{key}: bad value {opts[key]!r} (see data_pipelines/coco.py: "
+            raise OptionError(f"data.reader_args.{key}: bad value {opts[key]!r} (see data_pipelines/readers/coco.py: "
                               f"annotations str, images str, category name|id, pixel_offset number, masks and "
                               f"one_per_image bool, flip_pairs list of pairs, splits_from {{train, val, test: file}})")
     return opts
@@ -72,9 +72,9 @@ def ensure_coco(data_cfg, opts: dict, strategy) -> Path:
 
 
 def write_synthetic_coco(data_cfg, out_json: Path, image_root: Path) -> Path:
-    """The hip phantom (data_pipelines/synth_hip.py) as a COCO file: 6 landmarks, masks = any structure."""
+    """The hip phantom (data_pipelines/synthetic/hip.py) as a COCO file: 6 landmarks, masks = any structure."""
     from data_pipelines.hip_dataset import HipDataset          # only here: the phantom is labelme on disk first
-    from data_pipelines.synth_hip import generate_hip_dataset
+    from data_pipelines.synthetic.hip import generate_hip_dataset
 
     log.info("generating %d phantom images as COCO into %s", data_cfg.synth_n, out_json.parent)
     with tempfile.TemporaryDirectory(prefix="medpose_synth_") as tmp:

@@ -315,8 +315,8 @@ class HC18Dataset(Dataset):
         return letterbox, m, scale, draw, rng
 
     def dali_source(self, decode: str = "auto"):
-        """This dataset as a DALI loader source (data_pipelines/dali_hc18.py)."""
-        from data_pipelines.dali_hc18 import HC18DaliSource
+        """This dataset as a DALI loader source (data_pipelines/dali/hc18.py)."""
+        from data_pipelines.dali.hc18 import HC18DaliSource
         return HC18DaliSource(self, decode=decode)
 
     def _load(self, i: int, epoch: int) -> dict[str, Any]:
@@ -365,7 +365,7 @@ def ensure_hc18(data_cfg, strategy) -> Path:
         if not data_cfg.synthetic:
             raise DataError(root / "annotations.csv", "not found (and data.synthetic=false)")
         if strategy.info.is_main:
-            from data_pipelines.synth_hc18 import generate_hc18_dataset   # generator imports this module
+            from data_pipelines.synthetic.hc18 import generate_hc18_dataset   # generator imports this module
             log.info("generating %d synthetic HC18 images into %s", data_cfg.synth_n, root)
             generate_hc18_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed,
                                   image_hw=tuple(data_cfg.synth_image_hw), progress=True)

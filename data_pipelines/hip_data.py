@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import task_data
-from .hip_dataset import HipDataset, find_labelme_files
-from .labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES
-from .splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
-from .synth_hip import generate_hip_dataset
-from .transforms import AugmentParams
+from data_pipelines import task_data
+from data_pipelines.hip_dataset import HipDataset, find_labelme_files
+from data_pipelines.readers.labelme import HIP_CLASS_NAMES, HIP_KPT_NAMES
+from data_pipelines.splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
+from data_pipelines.synthetic.hip import generate_hip_dataset
+from data_pipelines.transforms import AugmentParams
 
 log = logging.getLogger("medpose")
 
@@ -91,10 +91,10 @@ def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from .errors import DataError
-    from .hip_dataset import PAD_VALUE
-    from .labelme import read_labelme
-    from .transforms import letterbox_matrix, warp_image
+    from data_pipelines.errors import DataError
+    from data_pipelines.hip_dataset import PAD_VALUE
+    from data_pipelines.readers.labelme import read_labelme
+    from data_pipelines.transforms import letterbox_matrix, warp_image
 
     path = Path(path)
     truth = None

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-from data_pipelines.labelme import IMAGE_DECODERS, HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
+from data_pipelines.readers.labelme import IMAGE_DECODERS, HIP_CLASS_NAMES, HIP_KPT_NAMES, HIP_LABELS, read_labelme, validate_labelme
 from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
                                        augment_intensity, draw_affine, letterbox_matrix, points_in_frame,
                                        sampling_grid, warp_image, warp_mask, warp_points)
@@ -244,7 +244,7 @@ class HipDataset(Dataset):
     def prepare(self, i: int, epoch: int) -> "Prepared":
         """Everything of sample i in epoch `epoch` before the warp: the decoded original (intensity-augmented, float
         [0, 1]), the matrix M = augment o letterbox and the draw it came from. The torch path warps with
-        transforms.warp_*, the DALI path (data_pipelines/dali_hip.py) with fn.warp_affine; both then call finish()."""
+        transforms.warp_*, the DALI path (data_pipelines/dali/hip.py) with fn.warp_affine; both then call finish()."""
         dec = self._cache[i] if self._cache is not None else self._decode(self.json_paths[i])
         orig_hw = dec.mask_HW.shape
         letterbox, m, scale, draw, rng = self.draws(i, epoch, orig_hw)
@@ -270,8 +270,8 @@ class HipDataset(Dataset):
         return letterbox, m, float(scale), draw, rng
 
     def dali_source(self, decode: str = "auto"):
-        """This dataset as a DALI loader source (data_pipelines/dali_hip.py)."""
-        from data_pipelines.dali_hip import HipDaliSource
+        """This dataset as a DALI loader source (data_pipelines/dali/hip.py)."""
+        from data_pipelines.dali.hip import HipDaliSource
         return HipDaliSource(self, decode=decode)
 
     def finish(self, prep: "Prepared", image_CHW: torch.Tensor, mask_HW: torch.Tensor,

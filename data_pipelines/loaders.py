@@ -1,5 +1,5 @@
 """The batch source behind data.loader: `torch` (a DataLoader over the dataset, the reference path) or `dali` (the
-DALI pipeline, data_pipelines/dali_pipeline.py: decode, intensity augmentation and warps in DALI, on the GPU given a
+DALI pipeline, data_pipelines/dali/pipeline.py: decode, intensity augmentation and warps in DALI, on the GPU given a
 device_id, heatmap targets rendered on the device by the loss). Both follow the same ShardedSampler, so sharding,
 epochs and mid-epoch resume are the same. `auto` (resolve_loader) means dali on a CUDA device with DALI installed and
 a reader that has a DALI source, else torch."""
@@ -9,8 +9,8 @@ from typing import Callable, Iterable
 
 from torch.utils.data import DataLoader, Dataset
 
-from .batch import Batch, collate_samples
-from .sampler import ShardedSampler
+from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.sampler import ShardedSampler
 
 LOADER_KINDS = ("torch", "dali")
 
@@ -55,7 +55,7 @@ def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kin
         if not dali_supports(dataset):
             raise ValueError(f"data.loader=dali: the {type(dataset).__name__} reader has no DALI path yet (the "
                              f"labelme hip, X-ray CSV and HC18 readers have); use data.loader=torch")
-        from .dali_pipeline import DaliBatches
+        from data_pipelines.dali.pipeline import DaliBatches
         # One DALI loader per dataset and setting, kept across epochs (the engine asks for a loader every epoch):
         # its pipeline, decode choice and annotation cache are built once; the sampler is this call's.
         kept = dataset.__dict__.setdefault("_dali_loaders", {})

@@ -1,6 +1,6 @@
 """The disc-labelling task's data (SEEDS.md §3): NIfTI volumes + point-label volumes -> 2-D sagittal samples.
 
-Per volume (data_pipelines/nifti.py): reorient to RAS, average `slab` sagittal slices around the labels, z-score;
+Per volume (data_pipelines/readers/nifti.py): reorient to RAS, average `slab` sagittal slices around the labels, z-score;
 rows run superior -> inferior and columns anterior -> posterior. Per sample: one matrix M = augment o letterbox
 (original 2-D pixels -> input pixels) warps the image (bilinear, padded with 0 = the z-scored mean) and the disc
 points, and Gaussian heatmaps (one channel per disc, sigma_px in input pixels, peak `heatmap_peak`: 1.0 for this
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DataError, OptionError, index_and_epoch, naming_file
-from .heatmaps import heatmap_item, render_heatmaps
-from .nifti import OUT_OF_RANGE_MODES, SagittalSample, display_uint8, load_sagittal, zscore
-from .synth_spine import generate_spine_dataset
-from .task_data import augment_params, loader_heatmap_impl, reader_options, record_splits, splits_of
-from .transforms import (AugmentParams, augment_intensity, letterbox_matrix, points_in_frame, random_affine_matrix,
+from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
+from data_pipelines.heatmaps import heatmap_item, render_heatmaps
+from data_pipelines.readers.nifti import OUT_OF_RANGE_MODES, SagittalSample, display_uint8, load_sagittal, zscore
+from data_pipelines.synthetic.spine import generate_spine_dataset
+from data_pipelines.task_data import augment_params, loader_heatmap_impl, reader_options, record_splits, splits_of
+from data_pipelines.transforms import (AugmentParams, augment_intensity, letterbox_matrix, points_in_frame, random_affine_matrix,
                          sampling_grid, warp_image, warp_points)
 
 log = logging.getLogger("medpose")

@@ -21,9 +21,9 @@ import logging
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
-from .errors import OptionError
-from .splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
-from .transforms import AugmentParams
+from data_pipelines.errors import OptionError
+from data_pipelines.splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
+from data_pipelines.transforms import AugmentParams
 
 log = logging.getLogger("medpose")
 

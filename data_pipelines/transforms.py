@@ -45,7 +45,7 @@ def letterbox_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.nda
 @dataclass(frozen=True)
 class AffineDraw:
     """One sample's augmentation parameters: the matrix is a pure function of these (affine_from_draw), so the
-    torch path and the DALI path (data_pipelines/dali_affine.py, fn.transforms.*) build the same matrix."""
+    torch path and the DALI path (data_pipelines/dali/affine.py, fn.transforms.*) build the same matrix."""
     flipped: bool
     angle_deg: float
     scale: float
@@ -228,7 +228,7 @@ class AugmentParams:
 @dataclass(frozen=True)
 class IntensityDraw:
     """One sample's intensity augmentation: the values augment_intensity draws, in its order. The DALI path applies
-    the same draw on the device (data_pipelines/dali_pipeline.py); only the speckle noise field itself differs (DALI's
+    the same draw on the device (data_pipelines/dali/pipeline.py); only the speckle noise field itself differs (DALI's
     generator draws it)."""
     brightness: float
     contrast: float

@@ -23,12 +23,12 @@ from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-from data_pipelines.synth_xray import generate_xray_dataset
+from data_pipelines.synthetic.xray import generate_xray_dataset
 from data_pipelines.task_data import augment_params, loader_heatmap_impl, reader_options, record_splits, splits_of
 from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
                                        augment_intensity, draw_affine, letterbox_matrix, points_in_frame,
                                        sampling_grid, warp_image, warp_points)
-from data_pipelines.xray_csv import (SPLIT_NAMES, XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, XrayRecord, equalize_hist,
+from data_pipelines.readers.xray_csv import (SPLIT_NAMES, XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, XrayRecord, equalize_hist,
                                      find_xray_samples, image_for_csv, read_grey, validate_xray_pair)
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def grey_to_float(grey_HW: np.ndarray, equalize: bool) -> np.ndarray:
 
 def network_input(image_1HW: torch.Tensor, normalize: str) -> torch.Tensor:
     """Grey (..., 1, H, W) -> (..., 3, H, W), optionally ImageNet mean/std normalised (on the image's device: the
-    DALI loader normalises its (B, 1, H, W) batch with this too, data_pipelines/dali_xray.py)."""
+    DALI loader normalises its (B, 1, H, W) batch with this too, data_pipelines/dali/xray.py)."""
     out = image_1HW.expand(*image_1HW.shape[:-3], 3, *image_1HW.shape[-2:]).contiguous()
     if normalize == "imagenet":
         dev = out.device
@@ -272,8 +272,8 @@ class XrayDataset(Dataset):
         return pre, m, draw, rng
 
     def dali_source(self, decode: str = "auto"):
-        """This dataset as a DALI loader source (data_pipelines/dali_xray.py)."""
-        from data_pipelines.dali_xray import XrayDaliSource
+        """This dataset as a DALI loader source (data_pipelines/dali/xray.py)."""
+        from data_pipelines.dali.xray import XrayDaliSource
         return XrayDaliSource(self, decode=decode)
 
     def finish_targets(self, i: int, m: np.ndarray, draw: AffineDraw | None, kpts_K2: np.ndarray) -> dict[str, Any]:

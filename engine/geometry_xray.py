@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.xray_csv import NUM_XRAY_KPTS as NUM_XRAY_LANDMARKS
-from data_pipelines.xray_csv import XRAY_FLIP_PAIRS, XRAY_KPT_NAMES  # noqa: F401  (one source of truth: the reader)
+from data_pipelines.readers.xray_csv import NUM_XRAY_KPTS as NUM_XRAY_LANDMARKS
+from data_pipelines.readers.xray_csv import XRAY_FLIP_PAIRS, XRAY_KPT_NAMES  # noqa: F401  (one source of truth: the reader)
 
 P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12 = range(12)
 GRADE_UNDEFINED = 0

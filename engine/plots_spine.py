@@ -1,6 +1,6 @@
 """Figures of the disc-labelling task (SEEDS.md §3): sagittal overlays, per-disc DTT bars, FN / FP summary.
 
-Images are the 2-D mid-sagittal views of data_pipelines/nifti.py (rows superior -> inferior, columns anterior ->
+Images are the 2-D mid-sagittal views of data_pipelines/readers/nifti.py (rows superior -> inferior, columns anterior ->
 posterior); points follow data_pipelines/batch.py ((x, y) = (column, row), pixel centres at integers). Pixels may be
 anisotropic (A-P vs S-I spacing), so images are drawn with aspect = S-I spacing / A-P spacing to look anatomical.
 Matplotlib's object API only (engine/plots.py).

@@ -154,18 +154,18 @@ def _cmd_predict(args) -> int:
 def _cmd_data(args) -> int:
     out = Path(args.out)
     if args.data_command == "synth-hip":
-        from data_pipelines.synth_hip import generate_hip_dataset
+        from data_pipelines.synthetic.hip import generate_hip_dataset
         paths = generate_hip_dataset(out, args.n, seed=args.seed, type2_ratio=args.type2_ratio,
                                      english_labels=args.english_labels, progress=True)
     elif args.data_command == "synth-xray":
-        from data_pipelines.synth_xray import generate_xray_dataset
+        from data_pipelines.synthetic.xray import generate_xray_dataset
         paths = generate_xray_dataset(out, args.n, seed=args.seed, split_fracs=(0.7, 0.15, 0.15) if args.splits
                                       else None, progress=True)
     elif args.data_command == "synth-spine":
-        from data_pipelines.synth_spine import generate_spine_dataset
+        from data_pipelines.synthetic.spine import generate_spine_dataset
         paths = generate_spine_dataset(out, args.n, seed=args.seed, progress=True)
     elif args.data_command == "synth-hc18":
-        from data_pipelines.synth_hc18 import generate_hc18_dataset
+        from data_pipelines.synthetic.hc18 import generate_hc18_dataset
         generate_hc18_dataset(out, args.n, seed=args.seed, progress=True)
         paths = sorted((out / "images").glob("*.png"))
     else:
@@ -177,7 +177,7 @@ def _cmd_data(args) -> int:
 def _to_coco(args) -> int:
     import types
 
-    from data_pipelines.coco_export import dataset_to_coco
+    from data_pipelines.readers.coco_export import dataset_to_coco
     from engine.config import load_config
     from engine.run import build_data, resolve_config
     cfg = resolve_config(load_config(resolve_config_path(args.config), args.overrides))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.coco import (CocoDataset, flip_pairs_from_names, read_coco, resolve_flip_pairs, rle_decode,
+from data_pipelines.readers.coco import (CocoDataset, flip_pairs_from_names, read_coco, resolve_flip_pairs, rle_decode,
                                  sample_mask)
 from data_pipelines.coco_data import build_coco_data, load_for_predict
-from data_pipelines.coco_export import dataset_to_coco, export_coco, rle_encode
+from data_pipelines.readers.coco_export import dataset_to_coco, export_coco, rle_encode
 from data_pipelines.errors import DataError, OptionError
-from data_pipelines.labelme import rasterize_polygons
+from data_pipelines.readers.labelme import rasterize_polygons
 from data_pipelines.splits import read_splits
 from data_pipelines.transforms import AugmentParams, letterbox_matrix, warp_points
 from engine.config import DataConfig

@@ -1,4 +1,4 @@
-"""The DALI warps (data_pipelines/dali_affine.py, CPU-only pipeline) move images, masks and landmarks the same way
+"""The DALI warps (data_pipelines/dali/affine.py, CPU-only pipeline) move images, masks and landmarks the same way
 as the torch path (data_pipelines/transforms.py): landmarks within 0.05 px, masks >= 0.99 agreement, images within
 interpolation rounding; the fn.transforms.* chain builds the torch path's matrix from the same draws."""
 import numpy as np
@@ -44,7 +44,7 @@ def _assert_same_motion(dali_out, images, masks, points, matrices):
 
 
 def test_dali_cpu_warps_match_the_torch_path_for_fixed_matrices():
-    from data_pipelines.dali_affine import DaliWarper
+    from data_pipelines.dali.affine import DaliWarper
     images, masks, points = _samples(4)
     lb = letterbox_matrix(SRC_HW, OUT_HW)
     draws = [AffineDraw(False, 0.0, 1.0, 0.0, 0.0, 0.0), AffineDraw(True, 12.0, 1.15, 0.0, 2.0, -1.5),
@@ -57,7 +57,7 @@ def test_dali_cpu_warps_match_the_torch_path_for_fixed_matrices():
 
 
 def test_fn_transforms_chain_builds_the_torch_matrix_from_the_same_draws():
-    from data_pipelines.dali_affine import DaliWarper
+    from data_pipelines.dali.affine import DaliWarper
     images, masks, points = _samples(4, seed=1)
     rng = np.random.default_rng(7)
     draws = [draw_affine(rng, OUT_HW, rotation_deg=20, scale_range=(0.8, 1.2), translate_frac=0.1, shear_deg=10,
@@ -73,7 +73,7 @@ def test_fn_transforms_chain_builds_the_torch_matrix_from_the_same_draws():
 
 
 def test_warper_rejects_a_batch_of_the_wrong_size():
-    from data_pipelines.dali_affine import DaliWarper
+    from data_pipelines.dali.affine import DaliWarper
     images, masks, points = _samples(3)
     warper = DaliWarper(OUT_HW, batch_size=2)
     with pytest.raises(ValueError, match="a batch needs 1 to 2"):

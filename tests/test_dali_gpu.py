@@ -10,7 +10,7 @@ import torch
 from data_pipelines.batch import collate_samples
 from data_pipelines.hip_dataset import HipDataset
 from data_pipelines.sampler import ShardedSampler
-from data_pipelines.synth_hip import generate_hip_dataset
+from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.dali]
@@ -20,7 +20,7 @@ AUGMENT = AugmentParams(enabled=True, rotation_deg=15.0, scale_range=(0.85, 1.15
 
 
 def _compare(ds, batch_size=3, epoch=1):
-    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.dali.hip import DaliHipBatches
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=True, batch_size=batch_size)  # noqa
     loader = DaliHipBatches(ds, batch_size, make(), device_id=0)
     loader.set_epoch(epoch)
@@ -57,7 +57,7 @@ def test_gpu_batches_equal_the_torch_path(tmp_path, fmt):
 
 
 def test_gpu_evaluation_shards_see_every_sample_once(tmp_path):
-    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.dali.hip import DaliHipBatches
     files = generate_hip_dataset(tmp_path, 7, seed=1, image_hw=(120, 160))
     ds = HipDataset(files, input_hw=(64, 96), augment=None, heatmap_impl="none")
     seen = []

@@ -1,4 +1,4 @@
-"""The DALI loader on the HC18 fetal-head reader (data_pipelines/dali_hc18.py + dali_pipeline.py, CPU-only pipeline)
+"""The DALI loader on the HC18 fetal-head reader (data_pipelines/dali/hc18.py + dali_pipeline.py, CPU-only pipeline)
 against the torch path: the same Batch (landmarks within 0.05 px after the flip swap and the README axis order, masks
 >= 0.99 agreement - measured 1.0 -, images within 1e-3 - measured about 1.3e-4 with brightness/contrast/gamma on -,
 heatmaps within 0.05 of 255, the same visibility, spacing and metadata) with geometric and intensity augmentation on
@@ -14,7 +14,7 @@ from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError
 from data_pipelines.hc18 import HC18_FLIP_PAIRS, HC18Dataset
 from data_pipelines.sampler import ShardedSampler
-from data_pipelines.synth_hc18 import generate_hc18_dataset
+from data_pipelines.synthetic.hc18 import generate_hc18_dataset
 from data_pipelines.transforms import AugmentParams
 
 pytestmark = pytest.mark.dali
@@ -40,7 +40,7 @@ def _torch_batches(ds, sampler, batch_size):
 
 
 def _dali(ds, batch_size, sampler, decode="auto"):
-    from data_pipelines.dali_pipeline import DaliBatches
+    from data_pipelines.dali.pipeline import DaliBatches
     return DaliBatches(ds.dali_source(decode), batch_size, sampler)
 
 
@@ -90,7 +90,7 @@ def test_the_decode_choice_and_the_packed_masks(root):
 
 
 def test_dali_evaluation_shards_see_every_sample_once(root):
-    from data_pipelines.dali_hc18 import HC18DaliSource
+    from data_pipelines.dali.hc18 import HC18DaliSource
     assert_eval_shards_see_every_sample_once(_dataset(root, None), HC18DaliSource)
 
 

@@ -1,4 +1,4 @@
-"""The DALI loader on the hip dataset (data_pipelines/dali_hip.py + dali_pipeline.py, CPU-only pipeline) against
+"""The DALI loader on the hip dataset (data_pipelines/dali/hip.py + dali_pipeline.py, CPU-only pipeline) against
 the torch path: the same Batch (landmarks within 0.05 px, masks >= 0.99 agreement, images within interpolation
 rounding, the same visibility, spacing and metadata) with geometric and brightness/contrast/gamma augmentation on,
 with DALI decoding the PNGs or the host decoding them; blur and speckle against their definitions; rank sharding
@@ -10,7 +10,7 @@ import torch
 from data_pipelines.batch import collate_samples
 from data_pipelines.hip_dataset import HipDataset
 from data_pipelines.sampler import ShardedSampler
-from data_pipelines.synth_hip import generate_hip_dataset
+from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
 
 pytestmark = pytest.mark.dali
@@ -39,7 +39,7 @@ def _torch_batches(ds, sampler, batch_size):
 @pytest.mark.parametrize("decode", ["dali", "host"])
 @pytest.mark.parametrize("augment", [AUGMENT, None], ids=["augmented", "plain"])
 def test_dali_batches_equal_the_torch_path(files, augment, decode):
-    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.dali.hip import DaliHipBatches
     ds = _dataset(files, augment, cache=decode == "host")
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=True, batch_size=3)  # noqa: E731
     dali = DaliHipBatches(ds, 3, make())
@@ -65,7 +65,7 @@ def test_dali_batches_equal_the_torch_path(files, augment, decode):
 
 
 def test_dali_evaluation_shards_see_every_sample_once(files):
-    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.dali.hip import DaliHipBatches
     ds = _dataset(files, None)
     seen = []
     for rank in range(2):
@@ -87,7 +87,7 @@ def test_make_batches_names_the_reader_without_a_dali_path():
 
 
 def _one_batch(ds, decode="auto", n=4):
-    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.dali.hip import DaliHipBatches
     sampler = ShardedSampler(len(ds), 0, 1, shuffle=False, drop_last=False, batch_size=n)
     return next(iter(DaliHipBatches(ds, n, sampler, decode=decode)))
 
@@ -129,7 +129,7 @@ def test_speckle_noise_has_the_torch_paths_strength(files):
 def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
     """The image is corrupted after validation (e.g. replaced on a network share): DALI's decode fails, the loader
     finds the file on the host and names it; with skip_bad it is counted and the other samples still come."""
-    from data_pipelines.dali_hip import DaliHipBatches
+    from data_pipelines.dali.hip import DaliHipBatches
     from data_pipelines.errors import DataError
     files = generate_hip_dataset(tmp_path, 5, seed=4, image_hw=(60, 80))
     for skip in (False, True):
@@ -158,7 +158,7 @@ def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
 def test_background_producer_equals_foreground_and_survives_an_abandoned_epoch(files):
     """The producer thread yields the foreground loop's batches; leaving an epoch after one batch (max_steps) stops
     it, and the next epoch (rebuilt pipeline) is complete and equal again."""
-    from data_pipelines.dali_pipeline import DaliBatches
+    from data_pipelines.dali.pipeline import DaliBatches
     ds = _dataset(files, AUGMENT, cache=False)
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=False, batch_size=2)  # noqa: E731
     fg = DaliBatches(ds.dali_source(), 2, make(), background=False)

@@ -1,4 +1,4 @@
-"""The DALI loader on the hip X-ray reader (data_pipelines/dali_xray.py + dali_pipeline.py, CPU-only pipeline) against
+"""The DALI loader on the hip X-ray reader (data_pipelines/dali/xray.py + dali_pipeline.py, CPU-only pipeline) against
 the torch path: the same Batch (landmarks within 0.05 px, images within 1e-3 in [0, 1] units - measured about 1.5e-4
 with brightness/contrast/gamma on, 1e-5 without -, the same visibility, spacing and metadata) with geometric and
 intensity augmentation on (speckle and blur off: their noise field / border rule differ by design), with the host
@@ -12,9 +12,9 @@ from _dali_cases import assert_eval_shards_see_every_sample_once
 from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError
 from data_pipelines.sampler import ShardedSampler
-from data_pipelines.synth_xray import generate_xray_dataset
+from data_pipelines.synthetic.xray import generate_xray_dataset
 from data_pipelines.transforms import AugmentParams
-from data_pipelines.xray_csv import XRAY_FLIP_PAIRS
+from data_pipelines.readers.xray_csv import XRAY_FLIP_PAIRS
 from data_pipelines.xray_dataset import XrayDataset
 
 pytestmark = pytest.mark.dali
@@ -45,7 +45,7 @@ def _torch_batches(ds, sampler, batch_size):
 
 
 def _dali(ds, batch_size, sampler, decode="auto"):
-    from data_pipelines.dali_pipeline import DaliBatches
+    from data_pipelines.dali.pipeline import DaliBatches
     return DaliBatches(ds.dali_source(decode), batch_size, sampler)
 
 
@@ -98,7 +98,7 @@ def test_cached_equalised_host_pixels_give_the_uncached_batch(csvs):
 
 
 def test_dali_evaluation_shards_see_every_sample_once(csvs):
-    from data_pipelines.dali_xray import XrayDaliSource
+    from data_pipelines.dali.xray import XrayDaliSource
     assert_eval_shards_see_every_sample_once(_dataset(csvs, None), XrayDaliSource)
 
 

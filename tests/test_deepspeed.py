@@ -258,7 +258,7 @@ def trained(tmp_path_factory):
     """MultiHipPoseNet (tiny) through engine.run.train: ZeRO-3 for 4 steps, DDP for 4 steps, and ZeRO-3 resumed
     from the first run's step-2 checkpoint, that one with the held-out report (best weights loaded into the
     sharded model, figures drawn on rank 0 alone)."""
-    from data_pipelines.synth_hip import generate_hip_dataset
+    from data_pipelines.synthetic.hip import generate_hip_dataset
     root = tmp_path_factory.mktemp("train")
     generate_hip_dataset(root / "phantom", 40, seed=3, image_hw=(96, 128))
     data = f"data.root={root / 'phantom'}"

@@ -25,7 +25,7 @@ STRATEGIES = {"ddp": (), "zero2": ("dist.strategy=deepspeed", "dist.deepspeed.ze
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from data_pipelines.synth_hip import generate_hip_dataset
+    from data_pipelines.synthetic.hip import generate_hip_dataset
     root = tmp_path_factory.mktemp("phantom")
     generate_hip_dataset(root, 40, seed=3, image_hw=(96, 128))
     return root

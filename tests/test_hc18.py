@@ -15,7 +15,7 @@ from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.hc18 import (HC18_COLUMNS, HC18_FLIP_PAIRS, HC18_KPT_NAMES, HC18Dataset, HC18Record,
                                  build_hc18_data, load_for_predict, order_axis_points, read_mask, scan_hc18)
-from data_pipelines.synth_hc18 import exam_plan, generate_hc18_dataset, ramanujan_perimeter, synth_hc18_sample
+from data_pipelines.synthetic.hc18 import exam_plan, generate_hc18_dataset, ramanujan_perimeter, synth_hc18_sample
 from data_pipelines.transforms import AugmentParams
 from engine.config import DataConfig
 from engine.ellipse import Ellipse, axis_endpoints, hc_mm_from_mask, rasterize_ellipse

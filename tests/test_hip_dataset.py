@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from data_pipelines.batch import Batch, collate_samples
 from data_pipelines.errors import DataError
 from data_pipelines.hip_dataset import HipDataset, find_labelme_files
-from data_pipelines.labelme import read_labelme
-from data_pipelines.synth_hip import LANDMARK_CLASS, generate_hip_dataset
+from data_pipelines.readers.labelme import read_labelme
+from data_pipelines.synthetic.hip import LANDMARK_CLASS, generate_hip_dataset
 from data_pipelines.transforms import AugmentParams, warp_points
 
 AUG = AugmentParams(rotation_deg=10, scale_range=(0.9, 1.1), translate_frac=0.05)

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from data_pipelines.errors import DataError
-from data_pipelines.labelme import IMAGE_DECODERS, decode_image, read_labelme
-from data_pipelines.synth_hip import generate_hip_dataset
+from data_pipelines.readers.labelme import IMAGE_DECODERS, decode_image, read_labelme
+from data_pipelines.synthetic.hip import generate_hip_dataset
 
 needs_cv2 = pytest.mark.skipif(importlib.util.find_spec("cv2") is None, reason="opencv-python is not installed")
 
@@ -203,7 +203,7 @@ def test_missing_opencv_is_a_clear_error_and_pil_still_works(tmp_path, monkeypat
 
 
 def test_importing_the_reader_does_not_import_opencv():
-    code = "import sys, data_pipelines.labelme, data_pipelines.hip_dataset; print('cv2' in sys.modules)"
+    code = "import sys, data_pipelines.readers.labelme, data_pipelines.hip_dataset; print('cv2' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

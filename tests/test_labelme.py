@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines.errors import DataError
-from data_pipelines.labelme import HIP_LABELS, polygon_mask, rasterize_polygons, read_labelme, validate_labelme
+from data_pipelines.readers.labelme import HIP_LABELS, polygon_mask, rasterize_polygons, read_labelme, validate_labelme
 
 SMALL_MAP = {"classes": {"head": 1, "roof": 3}, "points": {"A": 0, "B": 1}, "ignore": ["box"]}
 IMG_HW = (6, 8)

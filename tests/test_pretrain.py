@@ -48,7 +48,7 @@ def test_auto_layer_is_the_bottleneck():
 
 @pytest.fixture(scope="module")
 def hc18_root(tmp_path_factory):
-    from data_pipelines.synth_hc18 import generate_hc18_dataset
+    from data_pipelines.synthetic.hc18 import generate_hc18_dataset
     root = tmp_path_factory.mktemp("hc18")
     generate_hc18_dataset(root, 24, seed=4, image_hw=(135, 200))
     return root

@@ -18,7 +18,7 @@ SMALL = ["model.name=simple_unet", "model.args={num_classes: 2, base: 8}"]
 
 @pytest.fixture(scope="module")
 def hc18_root(tmp_path_factory):
-    from data_pipelines.synth_hc18 import generate_hc18_dataset
+    from data_pipelines.synthetic.hc18 import generate_hc18_dataset
     root = tmp_path_factory.mktemp("hc18")
     generate_hc18_dataset(root, 40, seed=2, image_hw=(135, 200))
     return root

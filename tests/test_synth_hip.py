@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation, binary_erosion
 
-from data_pipelines.labelme import HIP_LABELS, read_labelme
-from data_pipelines.synth_hip import (CLASS_LABELS_ZH, LANDMARK_CLASS, POINT_LABELS_ZH, acute_angle_deg,
+from data_pipelines.readers.labelme import HIP_LABELS, read_labelme
+from data_pipelines.synthetic.hip import (CLASS_LABELS_ZH, LANDMARK_CLASS, POINT_LABELS_ZH, acute_angle_deg,
                                       generate_hip_dataset, graf_angles_deg, render_phantom)
 
 

@@ -25,7 +25,7 @@ HC18 = ["--config", "hc18_unet", *COMMON, "data.synthetic=true", "data.synth_n=4
 
 @pytest.fixture(scope="module")
 def xray_root(tmp_path_factory):
-    from data_pipelines.synth_xray import generate_xray_dataset
+    from data_pipelines.synthetic.xray import generate_xray_dataset
     root = tmp_path_factory.mktemp("xray")
     generate_xray_dataset(root, 60, seed=5)
     return root
@@ -33,7 +33,7 @@ def xray_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hc18_root(tmp_path_factory):
-    from data_pipelines.synth_hc18 import generate_hc18_dataset
+    from data_pipelines.synthetic.hc18 import generate_hc18_dataset
     root = tmp_path_factory.mktemp("hc18")
     generate_hc18_dataset(root, 40, seed=2, image_hw=(135, 200))
     return root
@@ -124,7 +124,7 @@ SPINE = ["--config", "spine_demo", *COMMON, "data.input_hw=[128, 64]", "data.sig
 
 @pytest.fixture(scope="module")
 def spine_root(tmp_path_factory):
-    from data_pipelines.synth_spine import generate_spine_dataset
+    from data_pipelines.synthetic.spine import generate_spine_dataset
     root = tmp_path_factory.mktemp("spine")
     generate_spine_dataset(root, 30, seed=1)
     return root

@@ -21,7 +21,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
-    from data_pipelines.synth_hip import generate_hip_dataset
+    from data_pipelines.synthetic.hip import generate_hip_dataset
     root = tmp_path_factory.mktemp("phantom")
     generate_hip_dataset(root, 40, seed=3, image_hw=(96, 128))
     return root

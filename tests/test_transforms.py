@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.synth_hip import LANDMARK_CLASS, render_phantom
+from data_pipelines.synthetic.hip import LANDMARK_CLASS, render_phantom
 from data_pipelines.transforms import (AugmentParams, add_speckle_noise, adjust_brightness_contrast, adjust_gamma,
                                        apply_flip_pairs, augment_intensity, gaussian_blur, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, warp_image, warp_mask, warp_points)

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from data_pipelines.errors import DataError, OptionError
-from data_pipelines.synth_xray import HEAD_R, generate_xray_dataset, render_xray_phantom
+from data_pipelines.synthetic.xray import HEAD_R, generate_xray_dataset, render_xray_phantom
 from data_pipelines.transforms import AugmentParams
-from data_pipelines.xray_csv import (XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, equalize_hist, find_xray_samples,
+from data_pipelines.readers.xray_csv import (XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, equalize_hist, find_xray_samples,
                                      parse_xray_points, read_xray_csv, validate_xray_pair, write_xray_csv)
 from data_pipelines.xray_dataset import (XrayDataset, build_xray_csv_data, group_of, load_for_predict,
                                          stretch_matrix)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_pipelines.labelme import HIP_CLASS_NAMES
+from data_pipelines.readers.labelme import HIP_CLASS_NAMES
 from engine import plots
 from engine.geometry import graf_angles_deg, graf_type
 from engine.metrics import MetricAccumulator

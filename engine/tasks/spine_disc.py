@@ -1,6 +1,6 @@
 """Intervertebral-disc labelling on sagittal spine MRI (stacked hourglass, SEEDS.md §3).
 
-Metrics, in millimetres of the ORIGINAL 2-D sagittal frame (data_pipelines/nifti.py: x = anterior -> posterior
+Metrics, in millimetres of the ORIGINAL 2-D sagittal frame (data_pipelines/readers/nifti.py: x = anterior -> posterior
 columns, y = superior -> inferior rows; distance = sqrt((dx sx)^2 + (dy sy)^2) with spacing (sx, sy) mm/px).
 Only predictions whose `kpt_present_K` is True count (an absent channel is "not predicted"):
 

@@ -1,4 +1,4 @@
-"""The hip-ultrasound (labelme) reader on the DALI loader (data_pipelines/dali_pipeline.py).
+"""The hip-ultrasound (labelme) reader on the DALI loader (data_pipelines/dali/pipeline.py).
 
 Host work per sample is small: the image file's bytes (read, not decoded), the annotation (JSON parsed and the
 polygons rasterised once per file, then cached in this process: one uint8 mask per file), and the (seed, epoch,
@@ -18,13 +18,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batch import Batch, collate_samples
-from .dali_pipeline import DaliBatches, DaliItem, choose_decode
-from .errors import DataError, naming_file
-from .hip_dataset import PAD_VALUE, HipDataset, Prepared
-from .labelme import _load_json, _parse_shapes, rasterize_polygons, read_labelme
-from .sampler import ShardedSampler
-from .transforms import draw_intensity
+from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.dali.pipeline import DaliBatches, DaliItem, choose_decode
+from data_pipelines.errors import DataError, naming_file
+from data_pipelines.hip_dataset import PAD_VALUE, HipDataset, Prepared
+from data_pipelines.readers.labelme import _load_json, _parse_shapes, rasterize_polygons, read_labelme
+from data_pipelines.sampler import ShardedSampler
+from data_pipelines.transforms import draw_intensity
 
 
 DALI_MODES = frozenset({"L", "RGB"})

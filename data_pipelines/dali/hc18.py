@@ -1,4 +1,4 @@
-"""The HC18 fetal-head reader on the DALI loader (data_pipelines/dali_pipeline.py).
+"""The HC18 fetal-head reader on the DALI loader (data_pipelines/dali/pipeline.py).
 
 Host work per sample: the image file's bytes (decode="dali", not decoded; its header is checked against
 annotations.csv as read_image does) or its decoded grey pixels (decode="host"), the head mask (decoded and checked
@@ -19,12 +19,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batch import Batch, collate_samples
-from .dali_pipeline import DaliItem, choose_decode
-from .dali_xray import encoded_hw
-from .errors import DataError, naming_file
-from .hc18 import PAD_VALUE, HC18Dataset, read_image, read_mask
-from .transforms import draw_intensity
+from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.dali.pipeline import DaliItem, choose_decode
+from data_pipelines.dali.xray import encoded_hw
+from data_pipelines.errors import DataError, naming_file
+from data_pipelines.hc18 import PAD_VALUE, HC18Dataset, read_image, read_mask
+from data_pipelines.transforms import draw_intensity
 
 GREY = frozenset({"L"})
 

@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
-from .errors import DataError
+from data_pipelines.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from .batch import Batch
-from .dali_affine import HAVE_DALI, _chain, _require_dali, draw_vector, fn, pipeline_def, types
-from .errors import DataError
-from .sampler import ShardedSampler
-from .transforms import IDENTITY_INTENSITY, AffineDraw, IntensityDraw
+from data_pipelines.batch import Batch
+from data_pipelines.dali.affine import HAVE_DALI, _chain, _require_dali, draw_vector, fn, pipeline_def, types
+from data_pipelines.errors import DataError
+from data_pipelines.sampler import ShardedSampler
+from data_pipelines.transforms import IDENTITY_INTENSITY, AffineDraw, IntensityDraw
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class DaliItem:
 
 
 class DaliSource(Protocol):
-    """What a dataset provides to run on the DALI loader (data_pipelines/dali_hip.py is the hip reader's)."""
+    """What a dataset provides to run on the DALI loader (data_pipelines/dali/hip.py is the hip reader's)."""
     input_hw: tuple[int, int]
     pad_value: float          # letterbox fill, in [0, 1]
     channels: int             # 3: decode RGB, 1: decode grey

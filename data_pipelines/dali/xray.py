@@ -1,4 +1,4 @@
-"""The hip X-ray (CSV) reader on the DALI loader (data_pipelines/dali_pipeline.py).
+"""The hip X-ray (CSV) reader on the DALI loader (data_pipelines/dali/pipeline.py).
 
 Host work per sample: the image file's bytes (decode="dali") or its grey pixels, histogram-equalised when the
 dataset equalises (decode="host"), and the (seed, epoch, index) draws of XrayDataset.draws - the torch path's own,
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .batch import Batch, collate_samples
-from .dali_pipeline import DaliItem, choose_decode
-from .errors import DataError, naming_file
-from .transforms import draw_intensity
-from .xray_csv import equalize_hist
-from .xray_dataset import PAD_VALUE, XrayDataset, network_input
+from data_pipelines.batch import Batch, collate_samples
+from data_pipelines.dali.pipeline import DaliItem, choose_decode
+from data_pipelines.errors import DataError, naming_file
+from data_pipelines.transforms import draw_intensity
+from data_pipelines.readers.xray_csv import equalize_hist
+from data_pipelines.xray_dataset import PAD_VALUE, XrayDataset, network_input
 
 GREY = frozenset({"L"})
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from data_pipelines.labelme import rasterize_polygons
+from data_pipelines.readers.labelme import rasterize_polygons
 
 REF_HW = (240, 320)
 CLASS_LABELS_ZH = {1: "股骨头", 2: "大转子", 3: "盂唇", 4: "软骨性髋臼顶", 5: "滑膜皱襞", 6: "近端软骨膜", 7: "Y型软骨"}
@@ -350,7 +350,7 @@ def generate_hip_dataset(out_dir: str | Path, n: int, seed: int = 0, type2_ratio
         records.append({"id": stem, "json": f"{stem}.json", "image": image_name, "patient_id": str(pid),
                         "hip_type": hip_type, "alpha_deg": sample.alpha_deg, "beta_deg": sample.beta_deg})
         paths.append(out / f"{stem}.json")
-    meta = {"spacing_mm": [float(spacing_mm), float(spacing_mm)], "generator": "data_pipelines.synth_hip",
+    meta = {"spacing_mm": [float(spacing_mm), float(spacing_mm)], "generator": "data_pipelines.synthetic.hip",
             "seed": seed, "image_hw": list(image_hw), "samples": records}
     (out / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     return paths

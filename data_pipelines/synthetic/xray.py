@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from data_pipelines.xray_csv import SPLIT_NAMES, XRAY_KPT_NAMES, write_xray_csv
+from data_pipelines.readers.xray_csv import SPLIT_NAMES, XRAY_KPT_NAMES, write_xray_csv
 
 REF_PX = 256.0                     # reference image size of the design units
 ROOF_LEN, TRI_HALF, Y_H = 43.0, 31.0, -22.0   # L, T, H-line y (pelvis frame, relative to the image centre)
@@ -313,7 +313,7 @@ def generate_xray_dataset(root: str | Path, n: int, seed: int = 0, image_hw: tup
         rows.append(_write_sample(root, ph, f"xr{patient:04d}_{view}", split_of.get(patient), patient))
         paths.append(root / rows[-1]["csv"])
     u = min(image_hw) / REF_PX
-    meta = {"generator": "data_pipelines.synth_xray", "format": "xray_csv", "seed": seed, "n": n,
+    meta = {"generator": "data_pipelines.synthetic.xray", "format": "xray_csv", "seed": seed, "n": n,
             "image_hw": list(image_hw), "split_fracs": list(split_fracs) if split_fracs else None,
             "spacing_mm": [round(0.6 / u, 6)] * 2, "kpt_names": list(XRAY_KPT_NAMES),
             "ihdi": "1=I, 2=II, 3=III, 4=IV", "samples": rows}

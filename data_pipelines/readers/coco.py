@@ -1,7 +1,7 @@
 """COCO keypoints files (the exchange format of pose tools): the reader (read_coco and its validation) and CocoDataset.
 
 The run-level data builder (build_coco_data, load_for_predict, reader options) is data_pipelines/coco_data.py; the
-exporter (export_coco, dataset_to_coco) is data_pipelines/coco_export.py. Both import from here, never the reverse.
+exporter (export_coco, dataset_to_coco) is data_pipelines/readers/coco_export.py. Both import from here, never the reverse.
 
 A COCO file holds "images" [{id, file_name, width, height, optional spacing_mm [sx, sy], patient_id, split}],
 "annotations" [{id, image_id, category_id, keypoints [x1, y1, v1, ...], num_keypoints, optional bbox,
@@ -23,7 +23,7 @@ for files whose writer stored pixel indices. A labelled point must lie in the im
 coordinates ([0, W] in COCO's at the default offset).
 
 Masks (option masks=true): class 1 = the category, drawn from the annotation's polygons with labelme's pixel-centre
-rasteriser (data_pipelines/labelme.py) or from an uncompressed RLE {"size": [h, w], "counts": [...]} (column-major
+rasteriser (data_pipelines/readers/labelme.py) or from an uncompressed RLE {"size": [h, w], "counts": [...]} (column-major
 runs starting with background). The exporter writes masks as uncompressed RLE, which pycocotools reads for any
 iscrowd value and which is exact (a traced polygon is not). Crowd annotations (iscrowd=1) mark regions the COCO
 evaluation ignores: they are checked for ids and references and otherwise left out.
@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-from data_pipelines.labelme import load_json_object, rasterize_polygons
+from data_pipelines.readers.labelme import load_json_object, rasterize_polygons
 from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
                                        points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
                                        warp_points)

@@ -1,8 +1,8 @@
-"""COCO keypoints exporter: MedPose samples / Datasets -> a COCO file that read_coco (data_pipelines/coco.py) reads
+"""COCO keypoints exporter: MedPose samples / Datasets -> a COCO file that read_coco (data_pipelines/readers/coco.py) reads
 back exactly.
 
 Coordinates: the exporter applies x_coco = x_medpose + pixel_offset (the inverse of the reader's shift, see
-data_pipelines/coco.py), writes visibility 2 for every visible point, and masks as uncompressed RLE
+data_pipelines/readers/coco.py), writes visibility 2 for every visible point, and masks as uncompressed RLE
 {"size": [h, w], "counts": [...]} (column-major runs starting with background), which pycocotools reads for any
 iscrowd value and which is exact (a traced polygon is not).
 """
@@ -20,7 +20,7 @@ from data_pipelines.transforms import points_in_frame
 
 
 def rle_encode(mask_HW: np.ndarray) -> dict[str, Any]:
-    """The inverse of data_pipelines.coco.rle_decode (a mask starting with foreground gets a leading 0-length
+    """The inverse of data_pipelines.readers.coco.rle_decode (a mask starting with foreground gets a leading 0-length
     background run)."""
     flat = np.asarray(mask_HW, dtype=bool).ravel(order="F")
     bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
@@ -94,7 +94,7 @@ def export_coco(samples: Iterable[Mapping[str, Any]], out_json: str | Path, kpt_
         image, ann = _export_entry(n, s, len(names), float(pixel_offset))
         images.append(image)
         annotations.append(ann)
-    doc = {"info": {"description": "exported by MedPose (data_pipelines/coco.py)", "pixel_offset": pixel_offset},
+    doc = {"info": {"description": "exported by MedPose (data_pipelines/readers/coco.py)", "pixel_offset": pixel_offset},
            "licenses": [], "images": images, "annotations": annotations,
            "categories": [{"id": 1, "name": category_name, "supercategory": category_name, "keypoints": names,
                            "skeleton": edges}]}

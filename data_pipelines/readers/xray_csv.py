@@ -8,7 +8,7 @@ about every coordinate being a finite number inside the image ([-0.5, W-0.5] x [
 
 Landmarks (0-based index = k - 1 for pk). Image-left hip (the patient's right): p1 lateral acetabular edge, p2 on the
 acetabular roof between, p3 medial roof end = triradiate (Hilgenreiner) point; p4..p6 femoral points - in the
-phantom (data_pipelines/synth_xray.py) p4 the medial and p6 the lateral corner of the proximal femoral metaphysis
+phantom (data_pipelines/synthetic/xray.py) p4 the medial and p6 the lateral corner of the proximal femoral metaphysis
 (the IHDI H-point is their midpoint) and p5 the femoral-head ossification centre. Image-right hip mirrored: p7
 triradiate point, p8 roof, p9 lateral edge, p10 medial metaphysis corner, p11 head centre, p12 lateral corner.
 Hilgenreiner line through p3 and p7; Perkin lines through p1 and p9 perpendicular to it.

@@ -6,7 +6,7 @@ and noise. One voxel per disc in a label volume holds the disc index 1..num_disc
 subjects' fields of view stop above the lowest 1-3 discs, which are then absent from the labels (and the image).
 
 Geometry is drawn in millimetres of the display view (rows superior -> inferior, columns anterior -> posterior,
-data_pipelines/nifti.py), built as a RAS array and then stored in a non-canonical orientation (PSR or LPI, alternating
+data_pipelines/readers/nifti.py), built as a RAS array and then stored in a non-canonical orientation (PSR or LPI, alternating
 by subject unless fixed) with a matching affine, so that readers must reorient. Spacing defaults to 2.5 mm
 left-right (slice thickness), 1.25 mm superior-inferior and 1.0 mm anterior-posterior.
 
@@ -120,7 +120,7 @@ def render_subject(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAU
 
 def view_to_ras(view_XRC: np.ndarray) -> np.ndarray:
     """(L-R, S-I row, A-P column) display array -> RAS array: ras[x, y, z] = view[x, nz-1-z, ny-1-y] (the inverse
-    of data_pipelines.nifti.sagittal_image's mapping)."""
+    of data_pipelines.readers.nifti.sagittal_image's mapping)."""
     return np.ascontiguousarray(view_XRC[:, ::-1, ::-1].transpose(0, 2, 1))
 
 
@@ -174,7 +174,7 @@ def generate_spine_dataset(root: str | Path, n: int, seed: int = 0, shape: tuple
         nib.save(_nifti(view_to_ras(labels), spacing_ras, code), str(label_path))
         paths.append(image_path)
         records.append({"subject": subject, "orientation": code, "discs_present": int(phantom.present.sum())})
-    meta = {"generator": "data_pipelines.synth_spine", "seed": seed, "shape": list(shape),
+    meta = {"generator": "data_pipelines.synthetic.spine", "seed": seed, "shape": list(shape),
             "spacing_mm": list(spacing_mm), "num_discs": num_discs, "first_value": first_value, "subjects": records}
     (root / "synth_spine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return paths

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .transforms import AffineDraw
+from data_pipelines.transforms import AffineDraw
 
 try:  # optional extra (setup.py "dali"); the package is nvidia-dali-cuda130, never the placeholder nvidia-dali
     import nvidia.dali.fn as fn
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     fn = types = pipeline_def = None
     HAVE_DALI = False
 
-WHERE = "data_pipelines/dali_affine.py"
+WHERE = "data_pipelines/dali/affine.py"
 
 
 def _require_dali() -> None:

@@ -331,7 +331,7 @@ def _import_cv2():
     try:
         import cv2
     except ImportError as exc:
-        raise ImportError(f"data_pipelines/labelme.py: decoder='cv2' needs OpenCV ({exc}); install "
+        raise ImportError(f"data_pipelines/readers/labelme.py: decoder='cv2' needs OpenCV ({exc}); install "
                           f"opencv-python-headless, or use decoder='pil'") from exc
     return cv2
 
@@ -390,7 +390,7 @@ def decode_image(source: str | bytes, hw: tuple[int, int], json_path: str | Path
 
 def _decoder(name: str):
     if name not in IMAGE_DECODERS:
-        raise ValueError(f"data_pipelines/labelme.py: unknown image decoder {name!r} (choose from "
+        raise ValueError(f"data_pipelines/readers/labelme.py: unknown image decoder {name!r} (choose from "
                          f"{', '.join(repr(k) for k in IMAGE_DECODERS)})")
     return IMAGE_DECODERS[name]
 
