@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import SHARED_DATA
 from data_pipelines.hc18 import HC18Dataset, scan_hc18
 from data_pipelines.synthetic.hc18 import generate_hc18_dataset
-from engine import ellipse as ell
+from engine.tasks.fetal_head import ellipse as ell
 from engine.tasks.fetal_head import FetalHeadAccumulator, FetalHeadTask
 from models.codecs import decode_outputs
 from models.unet import build_unet_multitask

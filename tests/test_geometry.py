@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.geometry import acute_line_angle_deg, graf_angles_deg, graf_type, is_type_ii
+from engine.tasks.hip_us.geometry import acute_line_angle_deg, graf_angles_deg, graf_type, is_type_ii
 
 
 def _dir(angle_deg: float, length: float = 1.0) -> np.ndarray:
@@ -72,7 +72,7 @@ def test_torch_input_returns_tensor_matching_numpy():
 
 
 def test_bad_point_shape_raises():
-    with pytest.raises(ValueError, match="engine/geometry.py.*a2"):
+    with pytest.raises(ValueError, match="engine/tasks/hip_us/geometry.py.*a2"):
         acute_line_angle_deg([0, 0], [1, 0, 0], [0, 0], [1, 1])
 
 
@@ -100,7 +100,7 @@ def test_graf_angles_use_the_right_landmarks():
 
 
 def test_graf_angles_reject_wrong_landmark_count():
-    with pytest.raises(ValueError, match="engine/geometry.py.*6, 2"):
+    with pytest.raises(ValueError, match="engine/tasks/hip_us/geometry.py.*6, 2"):
         graf_angles_deg(np.zeros((5, 2)))
 
 

@@ -18,7 +18,7 @@ from data_pipelines.hc18 import (HC18_COLUMNS, HC18_FLIP_PAIRS, HC18_KPT_NAMES, 
 from data_pipelines.synthetic.hc18 import exam_plan, generate_hc18_dataset, ramanujan_perimeter, synth_hc18_sample
 from data_pipelines.transforms import AugmentParams
 from engine.config import DataConfig
-from engine.ellipse import Ellipse, axis_endpoints, hc_mm_from_mask, rasterize_ellipse
+from engine.tasks.fetal_head.ellipse import Ellipse, axis_endpoints, hc_mm_from_mask, rasterize_ellipse
 
 HC18 = SHARED_DATA / "hc18"
 needs_hc18 = pytest.mark.skipif(not HC18.is_dir(), reason="shared HC18 subset not present")

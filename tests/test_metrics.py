@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.metrics import MetricAccumulator, confusion_matrix, hd95, iou_from_confusion, pearson_r_from_sums
+from engine.metrics import confusion_matrix, hd95, iou_from_confusion, pearson_r_from_sums
+from engine.tasks.hip_us.metrics import MetricAccumulator
 
 
 def hip_kpts(alpha_deg: float, beta_deg: float) -> np.ndarray:

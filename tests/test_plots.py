@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.plots import (_line_across, plot_angle_agreement, plot_overlay, plot_per_class_bars, plot_sdr_curve,
-                          plot_training_curves)
+from engine.plots import _line_across, plot_overlay, plot_per_class_bars, plot_sdr_curve, plot_training_curves
+from engine.tasks.hip_us.plots import plot_angle_agreement
 
 
 def _open_png(path, min_wh=(300, 200), max_wh=(3000, 2000)) -> np.ndarray:

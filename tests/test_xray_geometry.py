@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from _xray_cases import hand_pelvis
-from engine.geometry_xray import (XRAY_FLIP_PAIRS, acetabular_index_deg, hilgenreiner_frame, ihdi_grades,
-                                  ihdi_local_xy, roman)
+from engine.tasks.hip_xray.geometry import (XRAY_FLIP_PAIRS, acetabular_index_deg, hilgenreiner_frame,
+                                            ihdi_grades, ihdi_local_xy, roman)
 
 
 def _base() -> np.ndarray:

@@ -1,12 +1,16 @@
-"""Tasks by name (`data.task`): what to measure, draw and write for each clinical problem (engine/tasks/base.py)."""
+"""Tasks by name (`data.task`): what to measure, draw and write for each clinical problem (engine/tasks/base.py).
+
+One package per task: `task.py` (the Task subclass), `metrics.py` (its accumulator), `plots.py` (its figures) and its
+geometry beside them. Landmark errors of every task come from engine/tasks/landmarks/metrics.py.
+"""
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
 from .base import Task
-from .hip_us import HipUltrasoundTask
 from .fetal_head import FetalHeadTask
+from .hip_us import HipUltrasoundTask
 from .hip_xray import HipXrayTask
 from .segmentation import SegmentationTask
 from .spine_disc import SpineDiscTask

@@ -76,8 +76,7 @@ class Task(abc.ABC):
         mask = pred.get("mask_HW")
         return plot_overlay(image_HW3, mask, pred["kpts_px_K2"], out_path,
                             true_mask_HW=None if truth is None else truth.get("mask_HW"),
-                            true_kpts_K2=None if truth is None else truth.get("kpts_px_K2"), title=title,
-                            graf_lines=False)
+                            true_kpts_K2=None if truth is None else truth.get("kpts_px_K2"), title=title)
 
     # State a task learns from the training split (e.g. spine_disc's mean skeleton); stored in every checkpoint.
     def fit(self, train_dataset) -> None:

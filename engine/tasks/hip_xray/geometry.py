@@ -42,7 +42,7 @@ from data_pipelines.readers.xray_csv import XRAY_FLIP_PAIRS, XRAY_KPT_NAMES  # n
 P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12 = range(12)
 GRADE_UNDEFINED = 0
 _ROMAN = {0: "n/a", 1: "I", 2: "II", 3: "III", 4: "IV"}
-_WHERE = "engine/geometry_xray.py"
+_WHERE = "engine/tasks/hip_xray/geometry.py"
 
 
 def roman(grade: Any) -> str:

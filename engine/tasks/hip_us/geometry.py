@@ -63,7 +63,7 @@ def acute_line_angle_deg(a1: Any, a2: Any, b1: Any, b2: Any):
         lib = np
     for name, p in (("a1", a1), ("a2", a2), ("b1", b1), ("b2", b2)):
         if p.ndim == 0 or p.shape[-1] != 2:
-            raise ValueError(f"engine/geometry.py: acute_line_angle_deg: {name} must have shape (..., 2) (x, y), "
+            raise ValueError(f"engine/tasks/hip_us/geometry.py: acute_line_angle_deg: {name} must have shape (..., 2) (x, y), "
                              f"got {tuple(p.shape)}")
     u = a2 - a1
     v = b2 - b1
@@ -89,7 +89,7 @@ def graf_angles_deg(kpts_K2: Any):
     """
     kpts = kpts_K2 if isinstance(kpts_K2, torch.Tensor) else np.asarray(kpts_K2, dtype=np.float64)
     if kpts.ndim < 2 or tuple(kpts.shape[-2:]) != (NUM_HIP_LANDMARKS, 2):
-        raise ValueError(f"engine/geometry.py: graf_angles_deg: expected landmarks of shape (..., 6, 2) in order "
+        raise ValueError(f"engine/tasks/hip_us/geometry.py: graf_angles_deg: expected landmarks of shape (..., 6, 2) in order "
                          f"P1..P6, got {tuple(kpts.shape)}")
     p = [kpts[..., k, :] for k in range(NUM_HIP_LANDMARKS)]
     alpha_deg = acute_line_angle_deg(p[P3], p[P5], p[P1], p[P2])
@@ -112,5 +112,5 @@ def graf_type(alpha_deg: float) -> str:
     """
     value = float(alpha_deg)
     if not math.isfinite(value):
-        raise ValueError(f"engine/geometry.py: graf_type: alpha must be finite, got {value}")
+        raise ValueError(f"engine/tasks/hip_us/geometry.py: graf_type: alpha must be finite, got {value}")
     return "II" if value < GRAF_ALPHA_THRESHOLD_DEG else "I"

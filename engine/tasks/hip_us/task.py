@@ -1,6 +1,6 @@
 """Hip ultrasound (MultiHipPoseNet, SEEDS.md §1): 7-structure segmentation, 6 landmarks, Graf alpha/beta, screening.
 
-The metrics are engine/metrics.py's MetricAccumulator; this adapter feeds it one original-frame sample at a time and
+The metrics are engine/tasks/hip_us/metrics.py's MetricAccumulator; this adapter feeds it one original-frame sample at a time and
 turns its records into the figures hip users look at (angle agreement, SDR curve, IoU per structure).
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ import numpy as np
 
 from data_pipelines.readers.labelme import HIP_CLASS_NAMES
 from engine import plots
-from engine.geometry import graf_angles_deg, graf_type
-from engine.metrics import MetricAccumulator
 
-from .base import Task, figure_formatter
+from ..base import Task, figure_formatter
+from .geometry import graf_angles_deg, graf_type
+from .metrics import MetricAccumulator
+from .plots import plot_angle_agreement, plot_hip_overlay
 
 
 class _HipAccumulator(MetricAccumulator):
@@ -49,7 +50,7 @@ class HipUltrasoundTask(Task):
             p = np.array([r[f"{name}_pred_deg"] for r in angles], dtype=float)
             ok = np.isfinite(t) & np.isfinite(p)
             if ok.sum() >= 3:
-                written.append(plots.plot_angle_agreement(t[ok], p[ok], out_dir / f"{name}_agreement.png", name=name))
+                written.append(plot_angle_agreement(t[ok], p[ok], out_dir / f"{name}_agreement.png", name=name))
         dists = [d for r in records for d in (r.get("kpt_err_mm") or []) if d is not None and math.isfinite(d)]
         if dists:
             written.append(plots.plot_sdr_curve(np.asarray(dists), out_dir / "sdr_curve.png",
@@ -82,7 +83,7 @@ class HipUltrasoundTask(Task):
 
     def draw_prediction(self, image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[str, Any] | None,
                         out_path: Path, title: str = "") -> Path:
-        return plots.plot_overlay(image_HW3, pred.get("mask_HW"), pred["kpts_px_K2"], out_path,
-                                  true_mask_HW=None if truth is None else truth.get("mask_HW"),
-                                  true_kpts_K2=None if truth is None else truth.get("kpts_px_K2"),
-                                  class_names=HIP_CLASS_NAMES, title=title)
+        return plot_hip_overlay(image_HW3, pred.get("mask_HW"), pred["kpts_px_K2"], out_path,
+                                true_mask_HW=None if truth is None else truth.get("mask_HW"),
+                                true_kpts_K2=None if truth is None else truth.get("kpts_px_K2"),
+                                class_names=HIP_CLASS_NAMES, title=title)

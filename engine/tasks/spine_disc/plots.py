@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from engine.plots import _save, image_axes, plot_per_class_bars
 
-_WHERE = "engine/plots_spine.py"
+_WHERE = "engine/tasks/spine_disc/plots.py"
 TRUTH_COLOUR, PRED_COLOUR = "#00e5ff", "#ffd400"
 
 

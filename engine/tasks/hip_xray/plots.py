@@ -13,10 +13,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
-from engine.geometry_xray import (P1, P3, P7, P9, acetabular_index_deg, hilgenreiner_frame, ihdi_grades, roman)
 from engine.plots import _line_across, _save, image_axes
 
-_WHERE = "engine/plots_xray.py"
+from .geometry import P1, P3, P7, P9, acetabular_index_deg, hilgenreiner_frame, ihdi_grades, roman
+
+_WHERE = "engine/tasks/hip_xray/plots.py"
 GRADE_LABELS = ("I", "II", "III", "IV")
 
 

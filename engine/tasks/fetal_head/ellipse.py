@@ -164,7 +164,7 @@ def fit_ellipse_mask(mask_HW: np.ndarray, method: str = "moments") -> Ellipse:
     if method == "conic":
         fg = largest_component(mask_HW)
         return fit_ellipse_conic(boundary_pixels(fg)) if fg.sum() >= MIN_PIXELS else NAN_ELLIPSE
-    raise ValueError(f"engine/ellipse.py: method must be 'moments' or 'conic', got {method!r}")
+    raise ValueError(f"engine/tasks/fetal_head/ellipse.py: method must be 'moments' or 'conic', got {method!r}")
 
 
 def axis_endpoints(cx: float, cy: float, a: float, b: float, angle_deg: float) -> np.ndarray:
