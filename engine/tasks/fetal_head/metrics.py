@@ -6,7 +6,8 @@ Per image, in the original frame (engine/tasks/base.py):
   -> Ramanujan perimeter x pixel size, against the reference orig["hc_mm"] (HC18's official value; the truth mask's
   fitted HC when a reader gives none). Error = predicted - reference (signed: bias; absolute: MAE);
 - HC from the landmarks: the ellipse spanned by the predicted axis ends, a = |ofd1 - ofd2| / 2, b = |bpd1 - bpd2| / 2;
-- landmark radial error in px and mm (visible truth only).
+- landmark radial error in px and mm (visible truth only) with the other generic landmark figures (SD, median,
+  SDR, PCK; engine/tasks/landmarks/metrics.py, shared by every task).
 An image whose prediction gives no ellipse (empty or tiny mask) is a failed measurement: it counts with a predicted HC
 of 0, i.e. an error of the whole reference HC, so a model cannot improve hc_mae_mm by abstaining; failures are also
 counted (hc_failures). The accumulator holds sums and counts only (all-reduce SUM, engine/metrics.py).
@@ -14,13 +15,14 @@ counted (hc_failures). The accumulator holds sums and counts only (all-reduce SU
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from engine.metrics import SummedState
 
+from ..landmarks.metrics import LandmarkMetrics
 from . import ellipse as ell
 
 _WHERE = "engine/tasks/fetal_head/metrics.py"
@@ -38,13 +40,15 @@ class FetalHeadAccumulator(SummedState):
     """update_sample / state / load_state / compute / records (engine/tasks/base.py)."""
     where = _WHERE
 
-    def __init__(self, num_keypoints: int = 4, fit_method: str = "moments", keep_records: bool = True):
+    def __init__(self, num_keypoints: int = 4, fit_method: str = "moments", keep_records: bool = True,
+                 kpt_names: Sequence[str] | None = None):
         self.num_keypoints, self.fit_method, self.keep_records = int(num_keypoints), fit_method, keep_records
-        k = self.num_keypoints
         shapes = {"dice_sum_count_2": (2,), "hc_mask_6": (len(_HC_FIELDS),), "hc_lm_6": (len(_HC_FIELDS),),
-                  "kpt_dist_px_sum_K": (k,), "kpt_dist_mm_sum_K": (k,), "kpt_count_K": (k,), "num_images_1": (1,)}
+                  "num_images_1": (1,)}
         self._state = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
         self.records: list[dict[str, Any]] = []
+        self.landmarks = LandmarkMetrics(self.num_keypoints, kpt_names, keep_records=False)
+        self._parts = {"landmarks": self.landmarks}
 
     # ---------------------------------------------------------------------------------------------- cross-rank
 
@@ -83,24 +87,23 @@ class FetalHeadAccumulator(SummedState):
                              f"{self.num_keypoints}")
         hc_lm = ell.hc_mm_from_landmarks(kpts, px_mm) if self.num_keypoints == 4 else math.nan
         rec.update(hc_lm_mm=hc_lm, hc_lm_err_mm=self._add_hc("hc_lm_6", hc_lm, ref_mm))
-        self._update_landmarks(kpts, orig, spacing, rec)
+        self._update_landmarks(kpts, pred, orig, meta, spacing, rec)
         self._add("num_images_1", [1.0])
         if self.keep_records:
             self.records.append(rec)
 
-    def _update_landmarks(self, kpts: np.ndarray, orig: dict[str, Any], spacing: np.ndarray, rec: dict) -> None:
+    def _update_landmarks(self, kpts: np.ndarray, pred: dict[str, Any], orig: dict[str, Any], meta: dict[str, Any],
+                          spacing: np.ndarray, rec: dict) -> None:
         true = np.asarray(orig["kpts_px_K2"], dtype=np.float64).reshape(-1, 2)
+        # a landmark the reader could not place (non-finite) is not visible, whatever the flag says
         vis = np.asarray(orig.get("kpts_visible_K", np.ones(len(true), bool)), dtype=bool) & np.isfinite(true).all(1)
-        d = np.where(vis[:, None], kpts - true, 0.0)
-        if not np.isfinite(d).all():
-            raise ValueError(f"{_WHERE}: sample {rec['id']}: non-finite predicted landmark")
-        dist_px, dist_mm = np.hypot(d[:, 0], d[:, 1]), np.hypot(d[:, 0] * spacing[0], d[:, 1] * spacing[1])
-        self._add("kpt_dist_px_sum_K", dist_px)
-        self._add("kpt_dist_mm_sum_K", dist_mm)
-        self._add("kpt_count_K", vis)
-        rec["kpts_pred_px"] = kpts.tolist()
-        rec["kpt_err_px"] = np.where(vis, dist_px, np.nan).tolist()
-        rec["kpt_err_mm"] = np.where(vis, dist_mm, np.nan).tolist()
+        image = orig.get("image_HW3", orig.get("mask_HW"))
+        hw = np.asarray(image).shape[:2] if image is not None else meta.get("orig_hw", (np.nan, np.nan))
+        present, score = pred.get("kpt_present_K"), pred.get("kpt_score_K")
+        rec.update(self.landmarks.update(
+            kpts[None], true[None], vis[None], spacing[None], np.asarray(hw, dtype=np.float64).reshape(1, 2),
+            None if present is None else np.asarray(present, dtype=bool)[None],
+            None if score is None else np.asarray(score, dtype=np.float64)[None], ids=[rec["id"]])[0])
 
     # ------------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, float]:
@@ -115,11 +118,10 @@ class FetalHeadAccumulator(SummedState):
             out[f"{prefix}_sd_mm"] = math.sqrt(max(sq - signed * signed / n, 0.0) / (n - 1)) if n > 1 else math.nan
             out[f"{prefix}_mape_pct"] = ratio(100.0 * abs_rel, n)
             out[f"{prefix}_failures"] = float(fail)
-        n_k = s["kpt_count_K"]
-        out["landmark_mre_px"] = ratio(s["kpt_dist_px_sum_K"].sum(), n_k.sum())
-        out["landmark_mre_mm"] = ratio(s["kpt_dist_mm_sum_K"].sum(), n_k.sum())
-        for k in range(self.num_keypoints):
-            out[f"landmark_mre_px_{k + 1}"] = ratio(s["kpt_dist_px_sum_K"][k], n_k[k])
-            out[f"landmark_mre_mm_{k + 1}"] = ratio(s["kpt_dist_mm_sum_K"][k], n_k[k])
+        lm = self.landmarks.compute()   # the keys this task has always reported, in their order; the rest last
+        for key in ("landmark_mre_px", "landmark_mre_mm", *(f"landmark_mre_{u}_{k + 1}" for k in
+                                                            range(self.num_keypoints) for u in ("px", "mm"))):
+            out[key] = lm[key]
         out["num_images"] = float(s["num_images_1"][0])
+        out.update({k: v for k, v in lm.items() if k not in out})
         return out

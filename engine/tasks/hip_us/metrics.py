@@ -4,9 +4,12 @@ Sums and counts only (engine/metrics.py explains why). Conventions:
 - Segmentation: confusion matrix with rows = truth, columns = prediction (IoU from the summed matrix, NaN for a class
   absent from truth and prediction over the whole split; means skip NaN). Dice is per image, 2|P∩T|/(|P|+|T|),
   skipped where the class is absent in both. HD95 only where the class is present in both.
-- Landmarks: only visible ones count; distance in mm is sqrt((dx*sx)^2 + (dy*sy)^2) with spacing (sx, sy) mm/px.
-  Per-landmark keys are 1-based (landmark_mre_px_1 is P1). SDR and angle-tolerance rates are percentages;
-  screening accuracy/precision/recall, IoU, Dice and pixel accuracy are fractions in [0, 1].
+- Landmarks: engine/tasks/landmarks/metrics.py (LandmarkMetrics, one implementation for every task): only visible
+  (and, when the decoder says so, present) ones count; distance in mm is sqrt((dx*sx)^2 + (dy*sy)^2) with spacing
+  (sx, sy) mm/px. Per-landmark keys are 1-based (landmark_mre_px_1 is P1). SDR is always in mm here, at
+  eval.sdr_radii_mm. SDR and angle-tolerance rates are percentages; screening accuracy/precision/recall, IoU, Dice,
+  PCK and pixel accuracy are fractions in [0, 1]. The generic landmark figures (SD, median, PCK, ...) follow the
+  figures the hip task has always reported, so their order in report.json is unchanged.
 - Angles (Graf alpha/beta, engine/tasks/hip_us/geometry.py) only where all six landmarks are visible in the truth
   and both angles are defined. Screening: type II (alpha < 60 deg) is the positive class.
 Radii and tolerances appear in keys formatted with `%g`: sdr_0.5mm, sdr_1mm, sdr_1.5mm, alpha_within_5deg.
@@ -21,6 +24,7 @@ import torch
 from engine.metrics import (SummedState, confusion_matrix, hd95, iou_from_confusion, pearson_r_from_sums,
                             radius_tag, ratio, to_numpy)
 
+from ..landmarks.metrics import LandmarkMetrics
 from .geometry import NUM_HIP_LANDMARKS, graf_angles_deg, is_type_ii
 
 _WHERE = "engine/tasks/hip_us/metrics.py"
@@ -34,7 +38,8 @@ class MetricAccumulator(SummedState):
     def __init__(self, num_classes: int = 8, class_names: Sequence[str] | None = None,
                  sdr_radii_mm: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
                  angle_tolerances_deg: Sequence[float] = (3, 5, 10), hd95: bool = True,
-                 keep_records: bool = True, num_keypoints: int = NUM_HIP_LANDMARKS):
+                 keep_records: bool = True, num_keypoints: int = NUM_HIP_LANDMARKS,
+                 kpt_names: Sequence[str] | None = None):
         if num_classes < 2:
             raise ValueError(f"{_WHERE}: num_classes must be >= 2 (background + one structure), got {num_classes}")
         names = list(class_names) if class_names is not None else \
@@ -49,24 +54,26 @@ class MetricAccumulator(SummedState):
         self.use_hd95 = bool(hd95)
         self.keep_records = bool(keep_records)
         self.records: list[dict[str, Any]] = []
-        C, K, R, T = num_classes, self.num_keypoints, len(self.sdr_radii_mm), len(self.angle_tolerances_deg)
+        C, T = num_classes, len(self.angle_tolerances_deg)
         shapes = {
             "confusion_CC": (C, C), "dice_sum_C": (C,), "dice_count_C": (C,),
             "hd95_px_sum_C": (C,), "hd95_mm_sum_C": (C,), "hd95_count_C": (C,),
-            "kpt_dist_px_sum_K": (K,), "kpt_dist_mm_sum_K": (K,), "kpt_abs_dx_sum_K": (K,),
-            "kpt_abs_dy_sum_K": (K,), "kpt_count_K": (K,), "sdr_hits_R": (R,),
             # angles: index 0 = alpha, 1 = beta; moments = sums of x, y, xy, x^2, y^2 (x true, y pred, shifted)
             "angle_abs_err_sum_2": (2,), "angle_count_2": (2,), "angle_within_2T": (2, T),
             "angle_moments_2x5": (2, 5), "screening_tp_fp_fn_tn_4": (4,), "num_images_1": (1,),
         }
         self._state = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
+        self.landmarks = LandmarkMetrics(self.num_keypoints, kpt_names, sdr_radii=self.sdr_radii_mm, sdr_unit="mm",
+                                         keep_records=False)
+        self._parts = {"landmarks": self.landmarks}
 
     # ------------------------------------------------------------------------------------------------------ update
     def update(self, pred_mask_BHW, true_mask_BHW, pred_kpts_BK2, true_kpts_BK2, visible_BK, spacing_mm_B2,
-               ids: Sequence[Any] | None = None) -> None:
+               ids: Sequence[Any] | None = None, present_BK=None, image_hw_B2=None) -> None:
         """Add one batch. Masks are (B, H, W) class ids (or both None: no segmentation); keypoints (B, K, 2) in
         pixels of the frame the masks/spacing belong to (or all three keypoint arguments None); spacing (B, 2)
-        mm per pixel (x, y). Tensors on any device or numpy arrays."""
+        mm per pixel (x, y); optional: the decoder's presence (B, K) and the image sizes (B, 2) (H, W; else the
+        masks' size, else unknown). Tensors on any device or numpy arrays."""
         spacing = to_numpy(spacing_mm_B2, "spacing_mm_B2", np.float64)
         if spacing is None or spacing.ndim != 2 or spacing.shape[1] != 2 or not np.all(spacing > 0):
             raise ValueError(f"{_WHERE}: spacing_mm_B2 must be (B, 2) positive mm/px, got "
@@ -85,13 +92,11 @@ class MetricAccumulator(SummedState):
         if any(k is None for k in kpts) and not all(k is None for k in kpts):
             raise ValueError(f"{_WHERE}: pass pred_kpts_BK2, true_kpts_BK2 and visible_BK together, or none")
         if pred_kpts_BK2 is not None:
-            pred = to_numpy(pred_kpts_BK2, "pred_kpts_BK2", np.float64)
-            true = to_numpy(true_kpts_BK2, "true_kpts_BK2", np.float64)
-            vis = to_numpy(visible_BK, "visible_BK", bool)
-            self._check_kpts(pred, true, vis, B)
-            self._update_landmarks(pred, true, vis, spacing, recs)
-            if self.num_keypoints == NUM_HIP_LANDMARKS:
-                self._update_angles(pred, true, vis, recs)
+            if image_hw_B2 is None and pred_mask_BHW is not None:
+                image_hw_B2 = np.tile(np.shape(pred_mask_BHW)[1:], (B, 1))
+            self._update_points(to_numpy(pred_kpts_BK2, "pred_kpts_BK2", np.float64),
+                                to_numpy(true_kpts_BK2, "true_kpts_BK2", np.float64),
+                                to_numpy(visible_BK, "visible_BK", bool), spacing, image_hw_B2, present_BK, recs)
         self._add("num_images_1", [B])
         if self.keep_records:
             self.records.extend(recs)
@@ -135,20 +140,14 @@ class MetricAccumulator(SummedState):
             rec["hd95_px"] = {n: float(hd_px[b, c]) for c, n in enumerate(self.class_names) if c > 0}
             rec["hd95_mm"] = {n: float(hd_mm[b, c]) for c, n in enumerate(self.class_names) if c > 0}
 
-    def _update_landmarks(self, pred, true, vis, spacing, recs: list[dict]) -> None:
-        d_BK2 = np.where(vis[..., None], pred - true, 0.0)  # zeros at invisible points keep the sums clean
-        dist_px = np.hypot(d_BK2[..., 0], d_BK2[..., 1])
-        dist_mm = np.hypot(d_BK2[..., 0] * spacing[:, None, 0], d_BK2[..., 1] * spacing[:, None, 1])
-        self._add("kpt_dist_px_sum_K", dist_px.sum(0))
-        self._add("kpt_dist_mm_sum_K", dist_mm.sum(0))
-        self._add("kpt_abs_dx_sum_K", np.abs(d_BK2[..., 0]).sum(0))
-        self._add("kpt_abs_dy_sum_K", np.abs(d_BK2[..., 1]).sum(0))
-        self._add("kpt_count_K", vis.sum(0))
-        visible_mm = dist_mm[vis]
-        self._add("sdr_hits_R", [(visible_mm <= r).sum() for r in self.sdr_radii_mm])
-        for b, rec in enumerate(recs):
-            rec["kpt_err_px"] = np.where(vis[b], dist_px[b], np.nan).tolist()
-            rec["kpt_err_mm"] = np.where(vis[b], dist_mm[b], np.nan).tolist()
+    def _update_points(self, pred, true, vis, spacing, image_hw_B2, present_BK, recs: list[dict]) -> None:
+        self._check_kpts(pred, true, vis, len(recs))
+        per_image = self.landmarks.update(pred, true, vis, spacing, image_hw_B2, present_BK,
+                                          ids=[r["id"] for r in recs])
+        for rec, fields in zip(recs, per_image):
+            rec.update(fields)
+        if self.num_keypoints == NUM_HIP_LANDMARKS:
+            self._update_angles(pred, true, vis, recs)
 
     def _update_angles(self, pred, true, vis, recs: list[dict]) -> None:
         alpha_t, beta_t = graf_angles_deg(true)
@@ -178,11 +177,13 @@ class MetricAccumulator(SummedState):
     def compute(self) -> dict[str, float]:
         """Final figures from the (reduced) sums; NaN where a figure has nothing to average."""
         s = {k: v.numpy() for k, v in self._state.items()}
+        lm = self.landmarks.compute()
         out: dict[str, float] = {}
         out.update(self._seg_figures(s))
-        out.update(self._landmark_figures(s))
+        out.update(self._landmark_figures(lm))
         out.update(self._angle_figures(s))
         out["num_images"] = float(s["num_images_1"][0])
+        out.update({k: v for k, v in lm.items() if k not in out})
         return out
 
     def _seg_figures(self, s: dict[str, np.ndarray]) -> dict[str, float]:
@@ -201,17 +202,11 @@ class MetricAccumulator(SummedState):
         out["seg_hd95_mm"] = ratio(s["hd95_mm_sum_C"][1:].sum(), s["hd95_count_C"][1:].sum())
         return out
 
-    def _landmark_figures(self, s: dict[str, np.ndarray]) -> dict[str, float]:
-        n = s["kpt_count_K"].sum()
-        out = {"landmark_mre_px": ratio(s["kpt_dist_px_sum_K"].sum(), n),
-               "landmark_mre_mm": ratio(s["kpt_dist_mm_sum_K"].sum(), n)}
-        out.update({f"landmark_mre_px_{k + 1}": ratio(s["kpt_dist_px_sum_K"][k], s["kpt_count_K"][k])
-                    for k in range(self.num_keypoints)})
-        out["landmark_abs_dx_px"] = ratio(s["kpt_abs_dx_sum_K"].sum(), n)
-        out["landmark_abs_dy_px"] = ratio(s["kpt_abs_dy_sum_K"].sum(), n)
-        out.update({f"sdr_{radius_tag(r)}mm": ratio(s["sdr_hits_R"][i], n, 100.0)
-                    for i, r in enumerate(self.sdr_radii_mm)})
-        return out
+    def _landmark_figures(self, lm: dict[str, float]) -> dict[str, float]:
+        """The landmark figures the hip task has always reported, in their order (the generic rest goes last)."""
+        keys = ["landmark_mre_px", "landmark_mre_mm", *(f"landmark_mre_px_{k + 1}" for k in range(self.num_keypoints)),
+                "landmark_abs_dx_px", "landmark_abs_dy_px", *(k for k in lm if k.startswith("sdr_"))]
+        return {k: lm[k] for k in keys}
 
     def _angle_figures(self, s: dict[str, np.ndarray]) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -25,7 +25,9 @@ class _HipAccumulator(MetricAccumulator):
         self.update(np.asarray(pred["mask_HW"])[None], np.asarray(orig["mask_HW"])[None],
                     np.asarray(pred["kpts_px_K2"])[None], np.asarray(orig["kpts_px_K2"])[None],
                     np.asarray(orig["kpts_visible_K"])[None],
-                    np.asarray(orig["spacing_mm_2"], dtype=np.float64)[None], ids=[meta["id"]])
+                    np.asarray(orig["spacing_mm_2"], dtype=np.float64)[None], ids=[meta["id"]],
+                    present_BK=None if pred.get("kpt_present_K") is None else np.asarray(pred["kpt_present_K"])[None],
+                    image_hw_B2=[np.asarray(orig["mask_HW"]).shape[:2]])
 
 
 class HipUltrasoundTask(Task):
@@ -39,7 +41,8 @@ class HipUltrasoundTask(Task):
 
     def accumulator(self, cfg, data: dict[str, Any]) -> _HipAccumulator:
         return _HipAccumulator(num_classes=data["num_classes"], class_names=data["class_names"],
-                               sdr_radii_mm=cfg.eval.sdr_radii_mm, angle_tolerances_deg=cfg.eval.angle_tolerances_deg)
+                               sdr_radii_mm=cfg.eval.sdr_radii_mm, angle_tolerances_deg=cfg.eval.angle_tolerances_deg,
+                               kpt_names=data.get("kpt_names"))
 
     def write_figures(self, out_dir: Path, figures: dict[str, float], records: list[dict[str, Any]], cfg,
                       model, dataset, decode: Callable) -> list[Path]:

@@ -1,9 +1,10 @@
 """Hip X-ray accumulator (SEEDS.md §2): 12 landmarks, acetabular index (AI) and IHDI grade of each hip.
 
 Metrics, all from sums and counts (engine/metrics.py explains why), in the ORIGINAL image frame:
-- landmark error: Euclidean distance of visible landmarks in original pixels (mean over landmarks and images), as a
-  percentage of the image diagonal hypot(H, W), and in mm through the sample's spacing (images whose spacing is not
-  finite are left out of the mm figure only); per landmark `landmark_mre_px_<k>` (1-based, k = 1 is p1).
+- landmark error (engine/tasks/landmarks/metrics.py, shared by every task): Euclidean distance of visible landmarks
+  in original pixels (mean over landmarks and images), as a percentage of the image diagonal hypot(H, W), and in mm
+  through the sample's spacing (images whose spacing is not finite are left out of the mm figures only); per landmark
+  `landmark_mre_px_<k>` (1-based, k = 1 is p1); SD, median, SDR (mm when every image has a spacing, else px), PCK.
 - AI (engine/tasks/hip_xray/geometry.py): absolute error per hip where the truth's AI is defined (p1, p3, p7 visible for the
   left hip; p3, p7, p9 for the right). A prediction whose AI is undefined cannot be scored and is counted in
   `ai_undefined_pred` instead. ai_mae_deg pools both hips. Pearson r from moment sums (pooled and per side).
@@ -21,6 +22,7 @@ import torch
 
 from engine.metrics import SummedState, pearson_r_from_sums
 
+from ..landmarks.metrics import LandmarkMetrics
 from .geometry import NUM_XRAY_LANDMARKS, XRAY_KPT_NAMES, acetabular_index_deg, ihdi_grades
 
 _WHERE = "engine/tasks/hip_xray/metrics.py"
@@ -51,14 +53,11 @@ class HipXrayAccumulator(SummedState):
             raise ValueError(f"{_WHERE}: hip X-ray needs {NUM_XRAY_LANDMARKS} landmark names, got {self.kpt_names}")
         self.keep_records = keep_records
         self.records: list[dict[str, Any]] = []
-        K = NUM_XRAY_LANDMARKS
-        shapes = {"kpt_dist_px_sum_K": (K,), "kpt_dist_pct_sum_K": (K,), "kpt_count_K": (K,),
-                  "kpt_dist_mm_sum_K": (K,), "kpt_mm_count_K": (K,),
-                  "ai_abs_err_sum_2": (2,), "ai_count_2": (2,), "ai_moments_2x5": (2, 5), "ai_undefined_pred_2": (2,),
+        shapes = {"ai_abs_err_sum_2": (2,), "ai_count_2": (2,), "ai_moments_2x5": (2, 5), "ai_undefined_pred_2": (2,),
                   "ihdi_confusion_2x4x4": (2, 4, 4), "ihdi_undefined_pred_2": (2,), "num_images_1": (1,)}
         self._state = {k: torch.zeros(s, dtype=torch.float64) for k, s in shapes.items()}
-
-    # ---------------------------------------------------------------------------------------------- cross-rank
+        self.landmarks = LandmarkMetrics(NUM_XRAY_LANDMARKS, self.kpt_names, keep_records=False)
+        self._parts = {"landmarks": self.landmarks}
 
     # -------------------------------------------------------------------------------------------------- update
     def update_sample(self, pred: dict[str, Any], orig: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -69,33 +68,18 @@ class HipXrayAccumulator(SummedState):
         if p.shape != (NUM_XRAY_LANDMARKS, 2) or t.shape != p.shape or vis.shape != (NUM_XRAY_LANDMARKS,):
             raise ValueError(f"{_WHERE}: sample {meta.get('id')}: want pred/true (12, 2) and visible (12,), got "
                              f"{p.shape}, {t.shape}, {vis.shape}")
-        if not np.isfinite(t[vis]).all() or not np.isfinite(p[vis]).all():
-            raise ValueError(f"{_WHERE}: sample {meta.get('id')}: non-finite coordinates at visible landmarks")
         hw = orig["image_HW3"].shape[:2] if orig.get("image_HW3") is not None else meta["orig_hw"]
         rec = {"id": str(meta.get("id", orig.get("id"))), "index": int(meta.get("index", -1))}
-        rec.update(self._update_points(p, t, vis, float(math.hypot(*hw)), orig.get("spacing_mm_2")))
+        spacing = orig.get("spacing_mm_2")
+        present, score = pred.get("kpt_present_K"), pred.get("kpt_score_K")
+        rec.update(self.landmarks.update(
+            p[None], t[None], vis[None], None if spacing is None else _np(spacing).reshape(1, 2),
+            np.asarray(hw, dtype=np.float64).reshape(1, 2), None if present is None else _np(present, bool)[None],
+            None if score is None else _np(score)[None], ids=[rec["id"]])[0])
         rec.update(self._update_hips(p, t, vis))
         self._state["num_images_1"] += 1
         if self.keep_records:
-            rec["kpts_pred_px"] = p.round(3).tolist()
-            rec["kpts_true_px"] = np.where(vis[:, None], t, np.nan).tolist()
             self.records.append(rec)
-
-    def _update_points(self, p, t, vis, diag_px: float, spacing) -> dict[str, Any]:
-        d = np.where(vis[:, None], p - t, 0.0)
-        dist_px = np.hypot(d[:, 0], d[:, 1])
-        s = self._state
-        s["kpt_dist_px_sum_K"] += torch.from_numpy(dist_px)
-        s["kpt_dist_pct_sum_K"] += torch.from_numpy(100.0 * dist_px / diag_px)
-        s["kpt_count_K"] += torch.from_numpy(vis.astype(np.float64))
-        sp = None if spacing is None else _np(spacing).reshape(-1)
-        if sp is not None and sp.shape == (2,) and np.all(np.isfinite(sp)) and np.all(sp > 0):
-            s["kpt_dist_mm_sum_K"] += torch.from_numpy(np.hypot(d[:, 0] * sp[0], d[:, 1] * sp[1]))
-            s["kpt_mm_count_K"] += torch.from_numpy(vis.astype(np.float64))
-        err = np.where(vis, dist_px, np.nan)
-        n = int(vis.sum())
-        return {"kpt_err_px": err.tolist(), "mre_px": float(dist_px.sum() / n) if n else float("nan"),
-                "mre_pct_diag": float(100.0 * dist_px.sum() / n / diag_px) if n else float("nan")}
 
     def _update_hips(self, p, t, vis) -> dict[str, Any]:
         ai_t, ai_p = np.stack(acetabular_index_deg(t)), np.stack(acetabular_index_deg(p))
@@ -125,12 +109,10 @@ class HipXrayAccumulator(SummedState):
     # ------------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, float]:
         s = {k: v.numpy() for k, v in self._state.items()}
-        n = s["kpt_count_K"].sum()
-        out = {"landmark_mre_px": _ratio(s["kpt_dist_px_sum_K"].sum(), n),
-               "landmark_mre_pct_diag": _ratio(s["kpt_dist_pct_sum_K"].sum(), n),
-               "landmark_mre_mm": _ratio(s["kpt_dist_mm_sum_K"].sum(), s["kpt_mm_count_K"].sum())}
-        out.update({f"landmark_mre_px_{k + 1}": _ratio(s["kpt_dist_px_sum_K"][k], s["kpt_count_K"][k])
-                    for k in range(NUM_XRAY_LANDMARKS)})
+        lm = self.landmarks.compute()
+        # the landmark figures this task has always reported first, in their order; the generic rest goes last
+        out = {k: lm[k] for k in ("landmark_mre_px", "landmark_mre_pct_diag", "landmark_mre_mm",
+                                  *(f"landmark_mre_px_{k + 1}" for k in range(NUM_XRAY_LANDMARKS)))}
         out["ai_mae_deg"] = _ratio(s["ai_abs_err_sum_2"].sum(), s["ai_count_2"].sum())
         pooled = s["ai_moments_2x5"].sum(0)
         out["ai_pearson_r"] = pearson_r_from_sums(s["ai_count_2"].sum(), *pooled)
@@ -144,6 +126,7 @@ class HipXrayAccumulator(SummedState):
         out["ihdi_undefined_pred"] = float(undef.sum())
         out["num_hips_ihdi"] = float(cm.sum() + undef.sum())
         out["num_images"] = float(s["num_images_1"][0])
+        out.update({k: v for k, v in lm.items() if k not in out})
         return out
 
     def confusion(self) -> np.ndarray:

@@ -13,7 +13,10 @@ Only predictions whose `kpt_present_K` is True count (an absent channel is "not 
 - PCK (published checkpoint criterion): a channel-matched pair is correct when its pixel distance / (W / 10) <
   0.5, W = original image width in pixels; the denominator is every visible true disc (an absent prediction is a
   miss). A fraction in [0, 1].
-- landmark_mre_mm / _px: channel-matched distance over pairs with a visible truth and a present prediction.
+- landmark_mre_mm / _px: channel-matched distance over pairs with a visible truth and a present prediction, with
+  the other generic landmark figures (engine/tasks/landmarks/metrics.py: SD, median, per-disc MRE, SDR in mm,
+  `landmark_missed` = visible discs predicted absent). This task's `pck` is the checkpoint criterion above, not the
+  generic bbox PCK.
 
 The accumulator holds sums and counts only (engine/metrics.py: ranks all-reduce SUM, never per-rank means).
 """
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 
 from engine.metrics import SummedState
+
+from ..landmarks.metrics import LandmarkMetrics
 
 _WHERE = "engine/tasks/spine_disc/metrics.py"
 
@@ -52,11 +57,10 @@ class SpineDiscAccumulator(SummedState):
         self.records: list[dict[str, Any]] = []
         K = self.num_keypoints
         shapes = {"true_K": K, "fn_K": K, "dtt_mm_sum_K": K, "dtt_count_K": K, "pred_K": K, "fp_K": K,
-                  "mre_mm_sum_K": K, "mre_px_sum_K": K, "mre_count_K": K, "pck_hits_K": K, "pck_den_K": K,
-                  "num_images_1": 1}
+                  "pck_hits_K": K, "pck_den_K": K, "num_images_1": 1}
         self._state = {k: torch.zeros(n, dtype=torch.float64) for k, n in shapes.items()}
-
-    # -------------------------------------------------------------------------------------------- cross-rank state
+        self.landmarks = LandmarkMetrics(K, keep_records=False)
+        self._parts = {"landmarks": self.landmarks}
 
     # ------------------------------------------------------------------------------------------------------ update
     def _inputs(self, pred: dict[str, Any], orig: dict[str, Any]):
@@ -95,37 +99,38 @@ class SpineDiscAccumulator(SummedState):
         fn[ti] = ~(dy_mm_TP <= self.fn_si_mm).any(axis=1) if pi.size else True
         fp[pi] = ~(dy_mm_TP <= self.fp_si_mm).any(axis=0) if ti.size else True
         matched = vis & pres
-        d = p - t
-        err_mm = np.where(matched, np.hypot(d[:, 0] * sx, d[:, 1] * sy), np.nan)
-        err_px = np.where(matched, np.hypot(d[:, 0], d[:, 1]), np.nan)
+        score = pred.get("kpt_score_K")
+        lm = self.landmarks.update(p[None], t[None], vis[None], [[sx, sy]], np.asarray([hw], dtype=np.float64),
+                                   pres[None], None if score is None else np.asarray(score, np.float64)[None],
+                                   ids=[meta.get("id")])[0]
+        err_px, err_mm = np.asarray(lm["kpt_err_px"]), np.asarray(lm["kpt_err_mm"])  # NaN where not matched
         hit = matched & (err_px / (width_px / self.pck_width_div) < self.pck_thr)
-        self._add_sample(vis=vis, pres=pres, dtt=dtt, fn=fn, fp=fp, matched=matched, err_mm=err_mm, err_px=err_px, hit=hit)
+        self._add_sample(vis=vis, pres=pres, dtt=dtt, fn=fn, fp=fp, hit=hit)
         if self.keep_records:
             self.records.append({
                 "id": meta.get("id"), "orig_hw": [int(hw[0]), int(hw[1])], "spacing_mm": [float(sx), float(sy)],
                 "true_px": _list(t, vis), "pred_px": _list(p, pres), "dtt_mm": _list(dtt, vis & np.isfinite(dtt)),
                 "err_mm": _list(err_mm, matched), "fn": [bool(fn[k]) if vis[k] else None for k in range(K)],
                 "fp": [bool(fp[k]) if pres[k] else None for k in range(K)], "num_true": int(vis.sum()),
-                "num_pred": int(pres.sum()), "num_fn": int(fn.sum()), "num_fp": int(fp.sum())})
+                "num_pred": int(pres.sum()), "num_fn": int(fn.sum()), "num_fp": int(fp.sum()), **lm})
 
-    def _add_sample(self, vis, pres, dtt, fn, fp, matched, err_mm, err_px, hit) -> None:
+    def _add_sample(self, vis, pres, dtt, fn, fp, hit) -> None:
         s = self._state
         for key, value in (("true_K", vis), ("fn_K", fn), ("dtt_mm_sum_K", np.nan_to_num(dtt)),
                            ("dtt_count_K", np.isfinite(dtt)), ("pred_K", pres), ("fp_K", fp),
-                           ("mre_mm_sum_K", np.nan_to_num(err_mm)), ("mre_px_sum_K", np.nan_to_num(err_px)),
-                           ("mre_count_K", matched), ("pck_hits_K", hit), ("pck_den_K", vis)):
+                           ("pck_hits_K", hit), ("pck_den_K", vis)):
             s[key] += torch.from_numpy(np.asarray(value, dtype=np.float64))
         s["num_images_1"] += 1.0
 
     # ----------------------------------------------------------------------------------------------------- compute
     def compute(self) -> dict[str, float]:
         s = {k: v.numpy() for k, v in self._state.items()}
+        lm = self.landmarks.compute()
         out = {"dtt_mm": _ratio(s["dtt_mm_sum_K"].sum(), s["dtt_count_K"].sum()),
                "fnr_pct": _ratio(s["fn_K"].sum(), s["true_K"].sum(), 100.0),
                "fpr_pct": _ratio(s["fp_K"].sum(), s["pred_K"].sum(), 100.0),
                "pck": _ratio(s["pck_hits_K"].sum(), s["pck_den_K"].sum()),
-               "landmark_mre_mm": _ratio(s["mre_mm_sum_K"].sum(), s["mre_count_K"].sum()),
-               "landmark_mre_px": _ratio(s["mre_px_sum_K"].sum(), s["mre_count_K"].sum()),
+               "landmark_mre_mm": lm["landmark_mre_mm"], "landmark_mre_px": lm["landmark_mre_px"],
                "num_true_discs": float(s["true_K"].sum()), "num_predictions": float(s["pred_K"].sum()),
                "num_fn": float(s["fn_K"].sum()), "num_fp": float(s["fp_K"].sum()),
                "dtt_undefined": float(s["true_K"].sum() - s["dtt_count_K"].sum()),
@@ -133,4 +138,5 @@ class SpineDiscAccumulator(SummedState):
         for k in range(self.num_keypoints):    # per-disc keys are 1-based channels (dtt_mm_1 = first channel)
             out[f"dtt_mm_{k + 1}"] = _ratio(s["dtt_mm_sum_K"][k], s["dtt_count_K"][k])
             out[f"fnr_pct_{k + 1}"] = _ratio(s["fn_K"][k], s["true_K"][k], 100.0)
+        out.update({k: v for k, v in lm.items() if k not in out})     # the generic rest; `pck` stays this task's
         return out
