@@ -188,6 +188,9 @@ class EvalConfig:
     """DataLoader workers for evaluation."""
     task_args: dict[str, Any] = field(default_factory=dict)
     """Options of the task's metrics (e.g. spine_disc: fn_si_mm, fp_si_mm); checked against the task's signature."""
+    flip_test: bool = False
+    """Flip test: also predict the left/right-mirrored image and average the two (models/flip_test.py), swapping the
+    dataset's flip_pairs; twice the evaluation cost."""
 
 
 # DeepSpeed keys the engine derives from its own config (one source of truth): `extra` may not set them.

@@ -6,7 +6,7 @@ original pixel spacing. What is measured is the task's business (engine/tasks): 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from data_pipelines.loaders import make_batches
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.transforms import warp_image, warp_points
+from models.flip_test import flip_average
 
 
 
@@ -31,11 +32,22 @@ def to_original_logits(logits_CHW: torch.Tensor, to_input_3x3, orig_hw: tuple[in
     return warp_image(logits_CHW.detach().float().cpu(), inv, tuple(int(n) for n in orig_hw), pad_value=0.0)
 
 
+def _as_float(outputs: dict) -> dict:
+    return {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in outputs.items()}
+
+
 @torch.no_grad()
-def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callable, autocast) -> tuple[dict, dict]:
+def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callable, autocast,
+                  flip_pairs: Sequence[tuple[int, int]] | None = None) -> tuple[dict, dict]:
+    """(float32 outputs, decoded predictions) of one batch. With flip_pairs not None (flip test; an empty tuple swaps
+    no landmark) a second pass sees the horizontally mirrored images and models/flip_test.flip_average maps it back
+    and averages it with the first before decoding, so decoding and the loss see the averaged outputs."""
     with autocast():
         outputs = model(image_BCHW)
-    outputs = {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in outputs.items()}
+        flipped = model(image_BCHW.flip(-1)) if flip_pairs is not None else None
+    outputs = _as_float(outputs)
+    if flipped is not None:
+        outputs = flip_average(outputs, _as_float(flipped), flip_pairs, int(image_BCHW.shape[-1]))
     return outputs, decode_fn(outputs)
 
 
@@ -57,10 +69,11 @@ def sample_prediction(outputs: dict[str, torch.Tensor], preds: dict[str, torch.T
 @torch.no_grad()
 def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Callable, accumulator,
                      criterion: nn.Module | None = None, batch_size: int = 4, num_workers: int = 0,
-                     gather_records: bool = False, loader_kind: str = "torch", dali_threads: int = 0
-                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                     gather_records: bool = False, loader_kind: str = "torch", dali_threads: int = 0,
+                     flip_test: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Every sample exactly once across ranks; returns (figures, per-image records on rank 0 if asked).
-    `accumulator` is the task's (engine/tasks/base.py): update_sample / state / load_state / compute / records."""
+    `accumulator` is the task's (engine/tasks/base.py): update_sample / state / load_state / compute / records.
+    flip_test: average each batch with its mirrored pass (predict_batch), swapping the dataset's `flip_pairs`."""
     info = strategy.info
     was_training = model.training
     model.eval()
@@ -73,9 +86,10 @@ def evaluate_dataset(model: nn.Module, dataset: Dataset, strategy, decode_fn: Ca
                           num_threads=dali_threads or None)
     acc = accumulator
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-sample loss, count)
+    flip_pairs = tuple(getattr(dataset, "flip_pairs", ())) if flip_test else None
     for batch in loader:
         batch = batch.to(info.device)
-        outputs, preds = predict_batch(model, batch.image_BCHW, decode_fn, strategy.autocast)
+        outputs, preds = predict_batch(model, batch.image_BCHW, decode_fn, strategy.autocast, flip_pairs)
         if criterion is not None:
             loss = float(criterion(outputs, batch.targets())["loss"])
             loss_sum += torch.tensor([loss * batch.size, batch.size], dtype=torch.float64)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .efficientnet_kpt import MODELS_KPT
 from .hourglass import CRITERIA_HG, MODELS_HG
+from .landmark_nets import CRITERIA_LANDMARK, MODELS_LANDMARK
 from .losses import MultiHipPoseCriterion
 from .losses_kpt import CRITERIA_KPT
 from .losses_seg import SegCriterion
@@ -18,14 +19,15 @@ from .seg import MODELS_SEG
 from .unet import MODELS_UNET
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"multihipposenet": build_multihipposenet, **MODELS_KPT, **MODELS_HG,
-                                               **MODELS_UNET, **MODELS_SEG}
+                                               **MODELS_UNET, **MODELS_SEG, **MODELS_LANDMARK}
 
 # Every segmentation-zoo model (models/seg) trains with SegCriterion (named losses and weighted sums) by default.
 # The UNet multi-task model trains with MultiHipPoseNet's loss (focal + Dice segmentation, weighted heatmap MSE).
+# The landmark networks (models/landmark_nets.py) train with the visible-landmark heatmap MSE of HeatmapCoordLoss.
 CRITERIA: dict[str, Callable[..., nn.Module]] = {"multihipposenet": MultiHipPoseCriterion,
                                                  "unet_multitask": MultiHipPoseCriterion, **CRITERIA_KPT,
                                                  **CRITERIA_HG, "seg": SegCriterion,
-                                                 **{name: SegCriterion for name in MODELS_SEG}}
+                                                 **{name: SegCriterion for name in MODELS_SEG}, **CRITERIA_LANDMARK}
 
 
 def build_criterion(name: str = "multihipposenet", **kwargs) -> nn.Module:
