@@ -243,9 +243,10 @@ def plot_overlay(image: Any, pred_mask_HW: Any, pred_kpts_K2: Any, out_path: Pat
 
 # ------------------------------------------------------------------------------------------------------ SDR curve
 def plot_sdr_curve(dist_mm: Any, out_path: Path | str, radii_mm: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
-                   max_radius_mm: float | None = None, label: str | None = None) -> Path:
-    """Success detection rate (% of landmarks within r mm) as a function of r; non-finite distances (invisible
-    landmarks) are dropped; the standard radii are marked with their rates."""
+                   max_radius_mm: float | None = None, label: str | None = None, unit: str = "mm") -> Path:
+    """Success detection rate (% of landmarks within r) as a function of r; non-finite distances (invisible
+    landmarks) are dropped; the standard radii are marked with their rates. Distances and radii are in `unit`
+    (mm, or px where the spacing is unknown)."""
     d = np.asarray(dist_mm, dtype=np.float64).ravel()
     d = np.sort(d[np.isfinite(d)])
     if d.size == 0:
@@ -263,7 +264,7 @@ def plot_sdr_curve(dist_mm: Any, out_path: Path | str, radii_mm: Sequence[float]
         ax.annotate(f"{y:.1f}%", (x, y), xytext=(0, -12), textcoords="offset points", fontsize=7, ha="center")
     ax.set_xlim(0.0, r_max)
     ax.set_ylim(0.0, 102.0)
-    ax.set_xlabel("radius (mm)")
+    ax.set_xlabel(f"radius ({unit})")
     ax.set_ylabel("success detection rate (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

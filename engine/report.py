@@ -68,7 +68,7 @@ def write_report(out_dir: Path, cfg, task, figures: dict[str, float], records: l
     written: list[str] = [str(p) for p in sorted(fig_dir.glob("curve_*.png"))]
     written += [str(p) for p in write_overlays(task, model, dataset, decode, fig_dir / "overlays", cfg.log.overlays)]
     written += [str(p) for p in task.write_figures(fig_dir, figures, records, cfg, model, dataset, decode)]
-    report = {**{k: _finite_or_none(figures.get(k)) for k in task.headline},
+    report = {**{k: _finite_or_none(figures.get(k)) for k in task.headline_keys(figures)},
               "task": task.name, "figures": _finite_or_none(figures),
               "run": {**extra, "versions": versions()}, "figure_files": written}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

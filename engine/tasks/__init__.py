@@ -12,11 +12,13 @@ from .base import Task
 from .fetal_head import FetalHeadTask
 from .hip_us import HipUltrasoundTask
 from .hip_xray import HipXrayTask
+from .landmarks import LandmarksTask
 from .segmentation import SegmentationTask
 from .spine_disc import SpineDiscTask
 
 TASKS: dict[str, type[Task]] = {"hip_us": HipUltrasoundTask, "hip_xray": HipXrayTask, "spine_disc": SpineDiscTask,
-                                "fetal_head": FetalHeadTask, "segmentation": SegmentationTask}
+                                "fetal_head": FetalHeadTask, "segmentation": SegmentationTask,
+                                "landmarks": LandmarksTask}
 
 
 def build_task(name: str, task_args: dict[str, Any] | None = None) -> Task:

@@ -37,6 +37,11 @@ class Task(abc.ABC):
     best_mode: str = "min"
     shown: tuple[str, ...] = ()        # figures printed on the validation line
 
+    def headline_keys(self, figures: dict[str, float]) -> tuple[str, ...]:
+        """report.json's top-level keys for these figures: `headline`, unless a key depends on the data (the
+        landmarks task's SDR key is in mm or px depending on whether the images have a spacing)."""
+        return self.headline
+
     @abc.abstractmethod
     def accumulator(self, cfg, data: dict[str, Any]):
         """A fresh accumulator for one evaluation pass (contract in the module docstring)."""
