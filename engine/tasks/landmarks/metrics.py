@@ -257,7 +257,7 @@ class LandmarkMetrics(SummedState):
         (with id) is kept in `records` and returned."""
         sid = meta.get("id", orig.get("id"))
         image = orig.get("image_HW3")
-        hw = np.asarray(image).shape[:2] if image is not None else meta.get("orig_hw", (math.nan, math.nan))
+        hw = np.asarray(image).shape[:2] if image is not None else meta.get("orig_hw") or (math.nan, math.nan)
         spacing = orig.get("spacing_mm_2")
         vis = orig.get("kpts_visible_K")
         true = to_numpy(orig["kpts_px_K2"], "kpts_px_K2", np.float64)

@@ -80,7 +80,8 @@ class LandmarksTask(Task):
                  pck_thr: float = 0.05, num_overlays: int = 3):
         radii = (sdr_radii,) if isinstance(sdr_radii, (int, float)) else tuple(sdr_radii)
         if not radii or not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in radii):
-            raise ValueError(f"{_WHERE}: eval.task_args.sdr_radii must be one or more positive radii, got {sdr_radii!r}")
+            raise ValueError(f"{_WHERE}: eval.task_args.sdr_radii must be one or more positive radii, "
+                             f"got {sdr_radii!r}")
         check_pck_ref(pck_ref)
         if not (isinstance(pck_thr, (int, float)) and math.isfinite(pck_thr) and pck_thr > 0):
             raise ValueError(f"{_WHERE}: eval.task_args.pck_thr must be a positive fraction, got {pck_thr!r}")
