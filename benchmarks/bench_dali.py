@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 from data_pipelines.batch import collate_samples
-from data_pipelines.hip_dataset import HipDataset
+from data_pipelines.readers.labelme_reader import HipDataset
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
@@ -33,8 +33,8 @@ def test_hip_batches(benchmark, record, files, size, provider):
                     cache_decoded=True)
     sampler = ShardedSampler(len(ds), shuffle=True, drop_last=True, batch_size=BATCH)
     if provider == "dali-cpu":
-        from data_pipelines.dali.hip import DaliHipBatches
-        loader = DaliHipBatches(ds, BATCH, sampler, num_threads=2)
+        from data_pipelines.dali.source import dali_batches
+        loader = dali_batches(ds, BATCH, sampler, num_threads=2)
         run = lambda: list(loader)  # noqa: E731
     else:
         def run():

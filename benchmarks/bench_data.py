@@ -6,7 +6,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from data_pipelines.batch import collate_samples
-from data_pipelines.hip_dataset import HipDataset
+from data_pipelines.readers.labelme_reader import HipDataset
 from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
 

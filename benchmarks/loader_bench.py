@@ -62,7 +62,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.batch import Batch, collate_samples  # noqa: E402
-from data_pipelines.hip_dataset import HipDataset  # noqa: E402
+from data_pipelines.readers.labelme_reader import HipDataset  # noqa: E402
 from data_pipelines.loaders import make_batches  # noqa: E402
 from data_pipelines.sampler import ShardedSampler  # noqa: E402
 from data_pipelines.synthetic.hip import generate_hip_dataset  # noqa: E402

@@ -1,58 +1,101 @@
-"""`medpose predict`: input files in, overlays plus predictions.csv / predictions.json out, for every task.
+"""`medpose predict`: files, folders or glob patterns in; predictions.csv / predictions.json and overlays out.
 
-Each input is read by the reader of the checkpoint's data.format (`load_for_predict`: preprocessed exactly like an
-evaluation sample), the prediction is mapped back to the input's original frame, and the task writes its row
-(landmarks, angles, grades, circumference ...) and draws the overlay.
+Each input is read by the checkpoint's reader and preprocessed with the checkpoint's own DataInfo and Preprocess
+(data_pipelines/predict_input.py: exactly like an evaluation sample), inputs run through the model `batch_size` at a
+time, every prediction is mapped back to its input's original frame, and the task writes its row (landmarks in
+original pixels with a confidence each, angles, grades, circumference ...) and draws the overlay.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_pipelines import PREDICT_INPUTS
+from data_pipelines.build import reader_for
+from data_pipelines.errors import DataError
+from data_pipelines.predict_input import expand_inputs, load_for_predict
 
-from .config import ConfigError
 from .evaluate import predict_batch, sample_prediction
 from .report import _finite_or_none
 from .run import load_for_inference
+
+log = logging.getLogger("medpose")
 
 
 def _safe_name(path: Path) -> str:
     return path.name.replace(".", "_")  # a.png and a.json must not share an overlay
 
 
+def _progress(items, enabled: bool, total: int):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc="predict", unit="batch")
+
+
 @torch.no_grad()
-def predict_files(checkpoint: str | Path, inputs: list[Path], out_dir: Path,
-                  device: torch.device | None = None) -> list[dict[str, Any]]:
+def predict_files(checkpoint: str | Path, inputs: list[str | Path], out_dir: Path,
+                  device: torch.device | None = None, batch_size: int = 8, overlays: int | None = None,
+                  skip_bad: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+    """Predict every input (files, folders, globs); returns the rows also written to predictions.csv / .json.
+    overlays: how many overlay PNGs to draw (None: one per input; 0: none). skip_bad: an input that does not read
+    is logged and listed in predictions.json's "skipped" instead of stopping the run."""
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    model, cfg, task = load_for_inference(checkpoint, device)
-    if cfg.data.format not in PREDICT_INPUTS:
-        raise ConfigError(f"data.format: '{cfg.data.format}' has no predict reader ({sorted(PREDICT_INPUTS)})")
-    load_input = PREDICT_INPUTS[cfg.data.format]
+    model, cfg, task, state = load_for_inference(checkpoint, device)
+    reader, _ = reader_for(cfg.data)
+    files = expand_inputs(inputs, reader.annotation_suffixes)
     decode = task.decoder(cfg)
+    flip_pairs = tuple(state["info"].flip_pairs) if getattr(cfg.eval, "flip_test", False) else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path in map(Path, inputs):
-        item = load_input(path, cfg.data)
-        image = torch.as_tensor(np.asarray(item["input_CHW"]), dtype=torch.float32)[None].to(device)
-        outputs, preds = predict_batch(model, image, decode, contextlib.nullcontext)
-        pred = sample_prediction(outputs, preds, 0, item["to_input_3x3"], item["image_HW3"].shape[:2])
-        pred["spacing_mm_2"] = np.asarray(item["spacing_mm_2"], dtype=np.float64)
-        overlay = task.draw_prediction(item["image_HW3"], pred, item.get("truth"),
-                                       out_dir / f"{_safe_name(path)}_overlay.png", title=path.name)
-        rows.append({"input": str(path), **task.predict_row(pred, item), "overlay": str(overlay)})
+    rows, skipped, drawn = [], [], 0
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), max(1, batch_size))]
+    for chunk in _progress(chunks, progress, len(chunks)):
+        items = []
+        for path in chunk:
+            try:
+                items.append((path, load_for_predict(path, cfg.data, state["info"], state["preprocess"])))
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                log.warning("predict: skipped %s: %s", exc.path, exc.problem)
+                skipped.append({"input": str(path), "problem": str(exc)})
+        if not items:
+            continue
+        image = torch.stack([torch.as_tensor(np.asarray(it["input_CHW"]), dtype=torch.float32) for _, it in items])
+        outputs, preds = _forward(model, image.to(device), decode, flip_pairs)
+        for b, (path, item) in enumerate(items):
+            pred = sample_prediction(outputs, preds, b, item["to_input_3x3"], item["image_HW3"].shape[:2])
+            pred["spacing_mm_2"] = np.asarray(item["spacing_mm_2"], dtype=np.float64)
+            row = {"input": str(path), **task.predict_row(pred, item)}
+            if overlays is None or drawn < overlays:
+                row["overlay"] = str(task.draw_prediction(item["image_HW3"], pred, item.get("truth"),
+                                                          out_dir / f"{_safe_name(path)}_overlay.png",
+                                                          title=path.name))
+                drawn += 1
+            rows.append(row)
+    _write(out_dir, rows, skipped)
+    return rows
+
+
+def _forward(model, image_BCHW: torch.Tensor, decode, flip_pairs):
+    if flip_pairs is None:
+        return predict_batch(model, image_BCHW, decode, contextlib.nullcontext)
+    return predict_batch(model, image_BCHW, decode, contextlib.nullcontext, flip_pairs=flip_pairs)
+
+
+def _write(out_dir: Path, rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> None:
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         with open(out_dir / "predictions.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        (out_dir / "predictions.json").write_text(json.dumps(_finite_or_none(rows), indent=2))
-    return rows
+    payload = rows if not skipped else {"predictions": rows, "skipped": skipped}
+    (out_dir / "predictions.json").write_text(json.dumps(_finite_or_none(payload), indent=2))

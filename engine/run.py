@@ -10,14 +10,18 @@ from typing import Any
 
 import torch
 
-from data_pipelines import LOADERS
-from data_pipelines.errors import OptionError
+from data_pipelines import DALI_FORMATS, READERS
+from data_pipelines.build import build_data as build_reader_data
+from data_pipelines.build import describe_data
+from data_pipelines.errors import DataError, OptionError
+from data_pipelines.records import DataInfo, Preprocess
 from models import CRITERIA, MODELS, build_criterion
 
 from .checkpoint import load_checkpoint_file, resolve_resume, seed_everything, versions
 from .config import Config, ConfigError, save_config
 from .dist import DistInfo, read_dist_info
 from .evaluate import evaluate_dataset
+from .fitting import check_fit, shape_model_by_data
 from .logger import LOG, setup_console_logging
 from .plots import plot_training_curves
 from .report import write_report
@@ -42,17 +46,22 @@ def make_strategy(cfg: Config, info: DistInfo | None = None):
                           batch_size=cfg.train.batch_size, deepspeed=cfg.dist.deepspeed)
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def check_model_args(cfg: Config) -> None:
+    """model.name exists and model.args names only the builder's arguments (no data needed)."""
     if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model '{cfg.model.name}' (choose from {sorted(MODELS)})")
-    builder = MODELS[cfg.model.name]
-    params = inspect.signature(builder).parameters
+        raise ConfigError(f"model.name: unknown model '{cfg.model.name}' (choose from {sorted(MODELS)}; "
+                          f"`medpose models` lists them)")
+    params = inspect.signature(MODELS[cfg.model.name]).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(cfg.model.args) - set(params))
         if unknown:
             raise ConfigError(f"model.args: unknown key '{unknown[0]}' for model '{cfg.model.name}' "
                               f"(valid: {', '.join(params)})")
-    model = builder(**cfg.model.args)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    check_model_args(cfg)
+    model = MODELS[cfg.model.name](**cfg.model.args)
     if cfg.model.init_from:
         from .pretrain import init_weights
         init_weights(model, cfg.model.init_from)
@@ -70,22 +79,66 @@ def resolve_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, train=train)
 
 
-def build_data(cfg: Config, run_dir: Path, strategy) -> dict[str, Any]:
-    """The reader of data.format behind data.loader: train / val / test datasets and their metadata."""
-    readers = LOADERS["torch" if cfg.data.loader == "auto" else cfg.data.loader]   # datasets serve either loader
-    fmt = cfg.data.format
-    if fmt not in readers:
-        raise ConfigError(f"data.format: unknown format '{fmt}' (choose from {sorted(readers)} or auto)")
+def describe(cfg: Config) -> DataInfo:
+    """The data's DataInfo without generating or decoding anything (data_pipelines.describe_data)."""
+    if cfg.data.format not in READERS:
+        raise ConfigError(f"data.format: unknown format '{cfg.data.format}' (choose from {sorted(READERS)} or auto)")
     try:
-        return readers[fmt](cfg.data, run_dir, strategy, seed=cfg.train.seed)
+        return describe_data(cfg.data)
     except OptionError as e:
         raise ConfigError(str(e)) from None
+
+
+def prepare(cfg: Config):
+    """(resolved config with the model shaped by the data, task, DataInfo): every check that task, model and data
+    fit happens here, before any data is generated or any step is run (engine/fitting.py)."""
+    cfg = resolve_config(cfg)
+    task = build_task(cfg.data.task, cfg.eval.task_args)
+    check_model_args(cfg)
+    make_criterion_check(cfg)
+    info = describe(cfg)
+    cfg = shape_model_by_data(cfg, info)
+    check_fit(cfg, task, info)
+    return cfg, task, info
+
+
+def build_data(cfg: Config, run_dir: Path, strategy, split: str = "runs", expect: DataInfo | None = None
+               ) -> dict[str, Any]:
+    """The reader of data.format behind data.loader: train / val / test datasets (or split="all": one dataset of
+    every sample) and their metadata (data_pipelines/build.py). `expect`: the DataInfo the model was shaped by."""
+    if cfg.data.format not in READERS:
+        raise ConfigError(f"data.format: unknown format '{cfg.data.format}' (choose from {sorted(READERS)} or auto)")
+    if cfg.data.loader == "dali" and cfg.data.format not in DALI_FORMATS:
+        raise ConfigError(f"data.loader=dali: the '{cfg.data.format}' reader has no DALI path (those that have: "
+                          f"{', '.join(DALI_FORMATS)}); use data.loader=torch or auto")
+    try:
+        data = build_reader_data(cfg.data, run_dir, strategy, seed=cfg.train.seed, split=split)
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
+    if expect is not None:
+        _check_same_data(data["info"], expect, cfg)
+    return data
+
+
+def _check_same_data(found: DataInfo, expect: DataInfo, cfg: Config) -> None:
+    """The data read must be the data the model was shaped by (same K and channels, same classes)."""
+    problems = []
+    if found.num_keypoints != expect.num_keypoints:
+        problems.append(f"{found.num_keypoints} landmarks instead of {expect.num_keypoints}")
+    if found.channels != expect.channels:
+        problems.append(f"{found.channels}-channel images instead of {expect.channels}")
+    if found.num_classes != expect.num_classes:
+        problems.append(f"{found.num_classes} mask classes instead of {expect.num_classes}")
+    if problems:
+        raise DataError(cfg.data.root, "the data read has " + "; ".join(problems) + " (what the model was built for)")
+    if tuple(found.kpt_names) != tuple(expect.kpt_names):
+        LOG.warning("landmark names differ from the model's: %s vs %s (matched by position)",
+                    list(found.kpt_names)[:6], list(expect.kpt_names)[:6])
 
 
 def resolve_loader(cfg: Config, device: torch.device) -> Config:
     """data.loader=auto -> dali when training on CUDA with DALI installed and the reader has a DALI path, else torch
     (data_pipelines/loaders.resolve_loader)."""
-    from data_pipelines import DALI_FORMATS
     from data_pipelines.loaders import resolve_loader as pick
     kind = cfg.data.loader
     if kind == "auto":
@@ -110,7 +163,8 @@ def resolve_targets(cfg: Config, device: torch.device) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, targets=where))
 
 
-def make_criterion(cfg: Config) -> torch.nn.Module:
+def make_criterion_check(cfg: Config) -> None:
+    """The loss exists and model.criterion_args names only its arguments (no data needed)."""
     name = cfg.model.criterion or cfg.model.name
     if name not in CRITERIA:
         raise ConfigError(f"model.criterion: no loss named '{name}' (choose from {sorted(CRITERIA)})")
@@ -119,6 +173,12 @@ def make_criterion(cfg: Config) -> torch.nn.Module:
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ConfigError(f"model.criterion_args: unknown key '{unknown[0]}' for loss '{name}' "
                           f"(valid: {', '.join(params)})")
+
+
+def make_criterion(cfg: Config) -> torch.nn.Module:
+    make_criterion_check(cfg)
+    name = cfg.model.criterion or cfg.model.name
+    params = inspect.signature(CRITERIA[name]).parameters
     kwargs = dict(cfg.model.criterion_args)
     # Heatmap losses render their targets from the keypoints when the loader did not (data.targets=device): they take
     # the data section's sigma and peak unless the run config sets them for the loss explicitly.
@@ -147,38 +207,63 @@ def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
     return choice
 
 
+def data_state(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """What a checkpoint keeps of the data: DataInfo and Preprocess (predict / export rebuild the input from them)."""
+    return {"format": cfg.data.format, "info": data["info"].to_dict(), "preprocess": data["preprocess"].to_dict()}
+
+
+def check_evaluation(cfg: Config, task, strategy, data: dict, model, criterion, split: str = "val") -> None:
+    """One batch of `split` through decoding and the task's metrics before training starts, so a run never trains
+    for an hour and then fails at its first evaluation."""
+    from data_pipelines.dataset import subset_by_ids
+    ds = data[split]
+    n = min(len(ds), cfg.train.batch_size * strategy.info.world_size)
+    ids = list(dict.fromkeys(ds.sample_id(i) for i in range(len(ds))))[:n]
+    probe = {**data, split: subset_by_ids(ds, ids, None)}
+    try:
+        _evaluate(cfg, task, strategy, probe, split, model, criterion)
+    except (ConfigError, DataError):
+        raise
+    except Exception as exc:
+        raise ConfigError(f"evaluation of data.task={cfg.data.task} with model.name={cfg.model.name} fails on the "
+                          f"{split} split before training ({type(exc).__name__}: {exc}); nothing was trained") from exc
+
+
 def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> dict[str, Any]:
     t_start = time.time()
-    cfg = resolve_config(cfg)
-    task = build_task(cfg.data.task, cfg.eval.task_args)
+    cfg, task, info = prepare(cfg)                   # every task / model / data check, before any data is made
     strategy = make_strategy(cfg)
-    info = strategy.info
-    seed_everything(cfg.train.seed + info.rank)
+    dist = strategy.info
+    seed_everything(cfg.train.seed + dist.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    cfg = resolve_targets(cfg, info.device)
+    cfg = resolve_targets(cfg, dist.device)
     run_dir = make_run_dir(cfg, strategy, resuming=resume is not None)
-    setup_console_logging(info.rank, run_dir)
-    if info.is_main:
+    setup_console_logging(dist.rank, run_dir)
+    if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
-    LOG.info("run dir %s | task %s | format %s | model %s | strategy %s | world size %d | device %s", run_dir,
-             task.name, cfg.data.format, cfg.model.name, strategy.name, info.world_size, info.device)
+    LOG.info("run dir %s | task %s | format %s (%d landmarks, %s, %d channels) | model %s | strategy %s | world size "
+             "%d | device %s", run_dir, task.name, cfg.data.format, info.num_keypoints,
+             f"{info.num_classes} classes" if info.class_names else "no masks", info.channels, cfg.model.name,
+             strategy.name, dist.world_size, dist.device)
     try:
-        data = build_data(cfg, run_dir, strategy)
+        data = build_data(cfg, run_dir, strategy, expect=info)
         task.fit(data["train"])
         model = build_model(cfg)
         criterion = make_criterion(cfg)
+        check_evaluation(cfg, task, strategy, data, model.to(dist.device), criterion.to(dist.device))
 
         def evaluate_fn(m, step):
             return _evaluate(cfg, task, strategy, data, "val", m, criterion)[0]
 
         trainer = Trainer(cfg, strategy, model, criterion, data["train"], evaluate_fn, run_dir,
-                          extra_state=lambda: {"task": task.state_dict()}, shown=task.shown)
+                          extra_state=lambda: {"task": task.state_dict(), "data": data_state(data, cfg)},
+                          shown=task.shown)
         resume_path = resolve_resume(resume, run_dir) if resume else None
         result = trainer.fit(resume_path)
         result["run_dir"] = str(run_dir)
-        if info.is_main:
+        if dist.is_main:
             curves = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "figures")
             LOG.info("training curves: %s", ", ".join(p.name for p in curves))
         if final_test:
@@ -207,8 +292,14 @@ def held_out_report(cfg: Config, task, strategy, data: dict, model, criterion, o
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path, split: str = "test"
                         ) -> dict[str, Any] | None:
-    """`medpose eval`: the checkpoint's weights on the config's data split; report + figures in out_dir."""
-    cfg = resolve_config(cfg)
+    """`medpose eval`: the checkpoint's weights on the config's data; split test / val / train of the run's
+    splits, or "all" (every sample of data.root scored, no splitting: a model scored on another dataset as a whole).
+    Report + figures in out_dir."""
+    ckpt = load_checkpoint_file(checkpoint)
+    client = ckpt.get("client", {})
+    cfg, task, info = prepare(cfg)
+    saved = client.get("data", {}).get("info")
+    expect = DataInfo.from_dict(saved) if saved else info
     strategy = make_strategy(cfg)
     cfg = resolve_targets(cfg, strategy.info.device)          # and data.loader
     out_dir = Path(out_dir)
@@ -217,20 +308,18 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
             out_dir.mkdir(parents=True, exist_ok=True)
         strategy.barrier()
         setup_console_logging(strategy.info.rank, out_dir)
-        data = build_data(cfg, out_dir, strategy)
-        ckpt = load_checkpoint_file(checkpoint)
-        task = build_task(cfg.data.task, cfg.eval.task_args)
-        task_state = ckpt.get("client", {}).get("task")
+        data = build_data(cfg, out_dir, strategy, split="all" if split == "all" else "runs", expect=expect)
+        task_state = client.get("task")
         if task_state:
             task.load_state_dict(task_state)
-        else:
+        elif split != "all":
             task.fit(data["train"])
         model = build_model(cfg)
         model.load_state_dict(ckpt["model"])
         model.to(strategy.info.device)
         criterion = make_criterion(cfg).to(strategy.info.device)
         return held_out_report(cfg, task, strategy, data, model, criterion, out_dir, split,
-                               extra={"checkpoint": str(checkpoint)})
+                               extra={"checkpoint": str(checkpoint), "data_root": str(cfg.data.root)})
     finally:
         strategy.close()
 
@@ -242,7 +331,9 @@ def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criter
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | None = None):
-    """(model, resolved config, task with its learned state) from any checkpoint file (weights only)."""
+    """(model, resolved config, task with its learned state, data state {"info": DataInfo, "preprocess":
+    Preprocess}) from any checkpoint file (weights only). Checkpoints written before the data state was kept get it
+    from the config's data (data_pipelines.describe_data)."""
     from .config import load_config
     ckpt = load_checkpoint_file(checkpoint)
     client = ckpt.get("client", {})
@@ -254,4 +345,12 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | None = Non
     model.to(device or torch.device("cpu")).eval()
     task = build_task(cfg.data.task, cfg.eval.task_args)
     task.load_state_dict(client.get("task") or {})
-    return model, cfg, task
+    saved = client.get("data") or {}
+    if saved.get("info"):
+        state = {"info": DataInfo.from_dict(saved["info"]), "preprocess": Preprocess.from_dict(saved["preprocess"])}
+    else:
+        from data_pipelines.build import reader_for
+        info = describe(cfg)
+        reader, opts = reader_for(cfg.data)
+        state = {"info": info, "preprocess": reader.preprocess(opts, cfg.data, info)}
+    return model, cfg, task, state

@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accum` micro-batches. The data position (epoch, micro-batches consumed in it), every
 rank's RNG state, the optimizer/scheduler/scaler and the criterion's state go into each checkpoint, so a run of 2N
-steps equals a run of N steps + resume + N steps.
+steps equals a run of N steps + resume + N steps. A checkpoint is written before every evaluation (and every
+train.ckpt_every steps), never after one: an evaluation that fails loses no training.
 """
 from __future__ import annotations
 
@@ -209,6 +210,14 @@ class Trainer:
                         else f" (no finite {key} yet)"))
         return metrics
 
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return self.evaluate_fn is not None and bool(every) and step % every == 0
+
+    def _ckpt_due(self, step: int) -> bool:
+        every = self.cfg.train.ckpt_every
+        return bool(every) and step % every == 0
+
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
         tc = self.cfg.train
         if resume_from is not None:
@@ -244,15 +253,16 @@ class Trainer:
                         record["skipped_steps"] = self.skipped_total
                         logger.log(self.step, "train", record)
                     window, n_window, t0 = {}, 0, time.perf_counter()
-                if self.evaluate_fn is not None and tc.eval_every and self.step % tc.eval_every == 0:
+                eval_due = self._eval_due(self.step)
+                if eval_due or self._ckpt_due(self.step):
+                    self.save()                 # before evaluating: a failure there loses no training
+                if eval_due:
                     last_val = self._evaluate(logger)
-                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
-                    self.save()
                 inject_fault(self.step, self.info.rank, self.run_dir)
-            if self.evaluate_fn is not None and (not tc.eval_every or self.step % tc.eval_every != 0):
-                last_val = self._evaluate(logger)
-            if not (tc.ckpt_every and self.step % tc.ckpt_every == 0):
+            if not (self._eval_due(self.step) or self._ckpt_due(self.step)):
                 self.save()
+            if self.evaluate_fn is not None and not self._eval_due(self.step):
+                last_val = self._evaluate(logger)
         finally:
             logger.close()
         return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,

@@ -118,6 +118,8 @@ class MultiHipPoseCriterion(nn.Module):
     balance="cov" (published) or "fixed" (fixed_weights).
     """
 
+    requires_masks = True           # the engine checks the data gives masks before training (engine/fitting.py)
+
     def __init__(self, num_classes: int = 8, class_weights: Sequence[float] | None = None, focal_alpha: float = 0.5,
                  focal_gamma: float = 2.0, dice_smooth: float = 1e-5, kpt_joint_weight: float = 0.25,
                  kpt_scale: float = 0.7, kpt_base: float = 1.004, balance: str = "cov", warmup_iters: int = 3,

@@ -72,6 +72,8 @@ def parse_loss_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
 class SegCriterion(nn.Module):
     """Weighted sum of segmentation loss terms; returns {"loss", "loss_<term>"...} (parts detached, main output)."""
 
+    requires_masks = True           # the engine checks the data gives masks before training (engine/fitting.py)
+
     def __init__(self, num_classes: int = 2, loss: str | Mapping[str, float] = "ce",
                  class_weights: Sequence[float] | None = None, focal_gamma: float = 2.0, focal_alpha: float = 0.5,
                  aux_weight: float = 0.4):

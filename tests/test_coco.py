@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_pipelines.readers.coco import (CocoDataset, flip_pairs_from_names, read_coco, resolve_flip_pairs, rle_decode,
                                  sample_mask)
-from data_pipelines.coco_data import build_coco_data, load_for_predict
+from data_pipelines.readers.coco import build_coco_data, load_for_predict
 from data_pipelines.readers.coco_export import dataset_to_coco, export_coco, rle_encode
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.readers.labelme import rasterize_polygons
@@ -297,7 +297,7 @@ def test_sample_heatmap_peak_sits_at_letterboxed_keypoint(tmp_path):
     assert float(s["heatmap_KHW"][2].sum()) == 0.0 and not s["kpts_visible_K"][2]
     assert s["image_CHW"].shape == (3, 64, 64) and torch.equal(s["image_CHW"][0], s["image_CHW"][2])
     assert s["mask_HW"].sum() == 40                   # the 10-pixel rectangle, scaled x2 in each direction
-    np.testing.assert_allclose(s["spacing_mm_2"], [0.5, 0.5])      # 1.0 mm/px (no spacing) / scale 2
+    assert torch.isnan(s["spacing_mm_2"]).all()          # no spacing_mm field: unknown (distances are reported in px)
     o = ds.original(0)
     assert o["image_HW3"].shape == (24, 32, 3) and np.array_equal(o["image_HW3"][..., 0], _image(0))
     assert ds.group_id(0) == "img0" and ds.stratum(0) is None and ds.class_names == ("background", "pelvis")
@@ -351,7 +351,7 @@ def test_load_for_predict_matches_evaluation_sample_and_finds_truth(tmp_path):
     path = _write(tmp_path, doc, 3)
     cfg = _cfg(tmp_path, reader_args={"masks": True})
     out = load_for_predict(tmp_path / "img1.png", cfg)
-    ds = CocoDataset(read_coco(path, masks=True), input_hw=cfg.input_hw)
+    ds = CocoDataset(read_coco(path, masks=True), input_hw=cfg.input_hw, channels=1)     # grey images: 1 channel
     torch.testing.assert_close(out["input_CHW"], ds[1]["image_CHW"], atol=0, rtol=0)
     np.testing.assert_allclose(out["to_input_3x3"], ds[1]["meta"]["to_input_3x3"])
     np.testing.assert_array_equal(out["truth"]["kpts_px_K2"], ds.original(1)["kpts_px_K2"])
@@ -359,7 +359,7 @@ def test_load_for_predict_matches_evaluation_sample_and_finds_truth(tmp_path):
     np.testing.assert_allclose(out["spacing_mm_2"], [0.2, 0.3])
     Image.fromarray(_image(9)).save(tmp_path / "new.png")
     other = load_for_predict(tmp_path / "new.png", cfg)
-    assert other["truth"] is None and other["kpt_names"] == NAMES and list(other["spacing_mm_2"]) == [1.0, 1.0]
+    assert other["truth"] is None and other["kpt_names"] == NAMES and np.isnan(other["spacing_mm_2"]).all()
 
 
 def test_synthetic_hip_phantom_becomes_coco_and_reads_back(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipelines.batch import collate_samples
-from data_pipelines.hip_dataset import HipDataset
+from data_pipelines.readers.labelme_reader import HipDataset
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
@@ -20,9 +20,9 @@ AUGMENT = AugmentParams(enabled=True, rotation_deg=15.0, scale_range=(0.85, 1.15
 
 
 def _compare(ds, batch_size=3, epoch=1):
-    from data_pipelines.dali.hip import DaliHipBatches
+    from data_pipelines.dali.source import dali_batches
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=True, batch_size=batch_size)  # noqa
-    loader = DaliHipBatches(ds, batch_size, make(), device_id=0)
+    loader = dali_batches(ds, batch_size, make(), device_id=0)
     loader.set_epoch(epoch)
     ref = make()
     ref.set_epoch(epoch)
@@ -57,13 +57,13 @@ def test_gpu_batches_equal_the_torch_path(tmp_path, fmt):
 
 
 def test_gpu_evaluation_shards_see_every_sample_once(tmp_path):
-    from data_pipelines.dali.hip import DaliHipBatches
+    from data_pipelines.dali.source import dali_batches
     files = generate_hip_dataset(tmp_path, 7, seed=1, image_hw=(120, 160))
     ds = HipDataset(files, input_hw=(64, 96), augment=None, heatmap_impl="none")
     seen = []
     for rank in range(2):
         sampler = ShardedSampler(len(ds), rank, 2, shuffle=False, drop_last=False, batch_size=2)
-        seen += [m["index"] for b in DaliHipBatches(ds, 2, sampler, device_id=0) for m in b.meta]
+        seen += [m["index"] for b in dali_batches(ds, 2, sampler, device_id=0) for m in b.meta]
     assert sorted(seen) == list(range(len(ds)))
 
 

@@ -5,6 +5,8 @@ heatmaps within 0.05 of 255, the same visibility, spacing and metadata) with geo
 (speckle and blur off: their noise field / border rule differ by design), with DALI decoding the PNGs or the host
 decoding them; rank sharding that covers every sample once in evaluation; an image or a mask that goes bad after
 validation."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from _dali_cases import assert_eval_shards_see_every_sample_once
 from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError
-from data_pipelines.hc18 import HC18_FLIP_PAIRS, HC18Dataset
+from data_pipelines.readers.hc18 import HC18_FLIP_PAIRS, HC18Dataset
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.hc18 import generate_hc18_dataset
 from data_pipelines.transforms import AugmentParams
@@ -83,15 +85,15 @@ def test_the_decode_choice_and_the_packed_masks(root):
     with pytest.raises(ValueError, match="decode must be auto, dali or host"):
         ds.dali_source("gpu")
     item = src.item(3, 0)
-    image, mask = ds._decoded(3)
+    image, mask = ds.decode(ds.records[3])
     np.testing.assert_array_equal(item.mask_HW, mask)                  # unpacked bits = the mask PNG
-    assert src._masks[ds.records[3].stem].nbytes == -(-mask.size // 8)
-    np.testing.assert_array_equal(ds.dali_source("host").item(3, 0).data[..., 0], image)
+    assert src._masks[ds.records[3].id][0].nbytes == -(-mask.size // 8)
+    np.testing.assert_array_equal(ds.dali_source("host").item(3, 0).data[..., 0], image[0])
 
 
 def test_dali_evaluation_shards_see_every_sample_once(root):
-    from data_pipelines.dali.hc18 import HC18DaliSource
-    assert_eval_shards_see_every_sample_once(_dataset(root, None), HC18DaliSource)
+    from data_pipelines.dali.source import RecordDaliSource
+    assert_eval_shards_see_every_sample_once(_dataset(root, None), RecordDaliSource)
 
 
 def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
@@ -100,7 +102,7 @@ def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
     root = generate_hc18_dataset(tmp_path, 5, seed=4, image_hw=(60, 80))
     for skip in (False, True):
         ds = _dataset(root, None, skip_bad=skip)
-        image = str(ds.records[2].image_path)
+        image = str(ds.records[2].image.path)
         loader = _dali(ds, 2, ShardedSampler(len(ds), shuffle=False, drop_last=False, batch_size=2))
         assert loader.source.decode == "dali"
         original = open(image, "rb").read()
@@ -119,7 +121,7 @@ def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
             with open(image, "wb") as f:
                 f.write(original)
     ds = _dataset(root, None)
-    mask = ds.records[1].mask_path
+    mask = Path(ds.records[1].mask.path)
     mask.write_bytes(mask.read_bytes()[:40])
     with pytest.raises(DataError) as err:
         list(_dali(ds, 2, ShardedSampler(len(ds), shuffle=False, drop_last=False, batch_size=2)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipelines.batch import collate_samples
-from data_pipelines.hip_dataset import HipDataset
+from data_pipelines.readers.labelme_reader import HipDataset
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.hip import generate_hip_dataset
 from data_pipelines.transforms import AugmentParams
@@ -39,10 +39,10 @@ def _torch_batches(ds, sampler, batch_size):
 @pytest.mark.parametrize("decode", ["dali", "host"])
 @pytest.mark.parametrize("augment", [AUGMENT, None], ids=["augmented", "plain"])
 def test_dali_batches_equal_the_torch_path(files, augment, decode):
-    from data_pipelines.dali.hip import DaliHipBatches
+    from data_pipelines.dali.source import dali_batches
     ds = _dataset(files, augment, cache=decode == "host")
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=True, batch_size=3)  # noqa: E731
-    dali = DaliHipBatches(ds, 3, make())
+    dali = dali_batches(ds, 3, make())
     assert dali.source.decode == decode
     dali.set_epoch(1)
     reference = make()
@@ -65,12 +65,12 @@ def test_dali_batches_equal_the_torch_path(files, augment, decode):
 
 
 def test_dali_evaluation_shards_see_every_sample_once(files):
-    from data_pipelines.dali.hip import DaliHipBatches
+    from data_pipelines.dali.source import dali_batches
     ds = _dataset(files, None)
     seen = []
     for rank in range(2):
         sampler = ShardedSampler(len(ds), rank, 2, shuffle=False, drop_last=False, batch_size=2)
-        batches = list(DaliHipBatches(ds, 2, sampler))
+        batches = list(dali_batches(ds, 2, sampler))
         assert len(batches) == len(sampler.shard()) // 2 + len(sampler.shard()) % 2
         seen += [m["index"] for b in batches for m in b.meta]
     assert sorted(seen) == list(range(len(ds)))                         # 7 samples: 4 + 3, the last batch of 1
@@ -87,9 +87,9 @@ def test_make_batches_names_the_reader_without_a_dali_path():
 
 
 def _one_batch(ds, decode="auto", n=4):
-    from data_pipelines.dali.hip import DaliHipBatches
+    from data_pipelines.dali.source import dali_batches
     sampler = ShardedSampler(len(ds), 0, 1, shuffle=False, drop_last=False, batch_size=n)
-    return next(iter(DaliHipBatches(ds, n, sampler, decode=decode)))
+    return next(iter(dali_batches(ds, n, sampler, decode=decode)))
 
 
 def test_blur_matches_scipy_away_from_the_border(files):
@@ -129,14 +129,14 @@ def test_speckle_noise_has_the_torch_paths_strength(files):
 def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
     """The image is corrupted after validation (e.g. replaced on a network share): DALI's decode fails, the loader
     finds the file on the host and names it; with skip_bad it is counted and the other samples still come."""
-    from data_pipelines.dali.hip import DaliHipBatches
+    from data_pipelines.dali.source import dali_batches
     from data_pipelines.errors import DataError
     files = generate_hip_dataset(tmp_path, 5, seed=4, image_hw=(60, 80))
     for skip in (False, True):
         ds = _dataset(files, None, cache=False, skip_bad=skip)
-        image = ds._image_paths[ds.json_paths[2]]
+        image = ds.records[2].image.name
         sampler = ShardedSampler(len(ds), 0, 1, shuffle=False, drop_last=False, batch_size=2)
-        loader = DaliHipBatches(ds, 2, sampler)
+        loader = dali_batches(ds, 2, sampler)
         assert loader.source.decode == "dali"
         original = open(image, "rb").read()
         with open(image, "wb") as f:
@@ -149,7 +149,7 @@ def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
             else:
                 seen = [m["index"] for b in loader for m in b.meta]
                 assert seen == [0, 1, 3, 4]
-                assert [p for p, _ in ds.skipped] == [f"{image} (annotation {ds.json_paths[2]})"]
+                assert [p for p, _ in ds.skipped] == [image] and str(ds.json_paths[2]) in ds.skipped[0][1]
         finally:
             with open(image, "wb") as f:
                 f.write(original)

@@ -15,7 +15,7 @@ from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.xray import generate_xray_dataset
 from data_pipelines.transforms import AugmentParams
 from data_pipelines.readers.xray_csv import XRAY_FLIP_PAIRS
-from data_pipelines.xray_dataset import XrayDataset
+from data_pipelines.readers.xray_csv import XrayDataset
 
 pytestmark = pytest.mark.dali
 
@@ -61,7 +61,7 @@ def test_dali_batches_equal_the_torch_path(csvs, augment, decode):
     reference.set_epoch(1)
     got, want = list(dali), _torch_batches(ds, reference, 3)
     assert len(got) == len(want) == len(dali) == 2                    # 7 samples, batches of 3, tail dropped
-    std = IMAGENET_STD if ds.normalize == "imagenet" else torch.ones(1)
+    std = IMAGENET_STD if ds.pre.normalize == "imagenet" else torch.ones(1)
     flips = 0
     for g, w in zip(got, want):
         assert [m["index"] for m in g.meta] == [m["index"] for m in w.meta]
@@ -98,8 +98,8 @@ def test_cached_equalised_host_pixels_give_the_uncached_batch(csvs):
 
 
 def test_dali_evaluation_shards_see_every_sample_once(csvs):
-    from data_pipelines.dali.xray import XrayDaliSource
-    assert_eval_shards_see_every_sample_once(_dataset(csvs, None), XrayDaliSource)
+    from data_pipelines.dali.source import RecordDaliSource
+    assert_eval_shards_see_every_sample_once(_dataset(csvs, None), RecordDaliSource)
 
 
 def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
@@ -108,7 +108,7 @@ def test_a_file_that_stops_decoding_is_named_or_skipped(tmp_path):
     csvs = generate_xray_dataset(tmp_path, 5, seed=4, image_hw=(120, 150))
     for decode, skip in (("dali", False), ("dali", True), ("host", False)):
         ds = _dataset(csvs, None, skip_bad=skip, **SETTINGS[decode])
-        image = str(ds.records[2].image_path)
+        image = str(ds.records[2].image.path)
         loader = _dali(ds, 2, ShardedSampler(len(ds), shuffle=False, drop_last=False, batch_size=2))
         assert loader.source.decode == decode
         original = open(image, "rb").read()
@@ -133,7 +133,7 @@ def test_an_image_resized_after_validation_is_named(tmp_path):
     from PIL import Image
     csvs = generate_xray_dataset(tmp_path, 3, seed=4, image_hw=(120, 150))
     ds = _dataset(csvs, None)
-    image = ds.records[1].image_path
+    image = ds.records[1].image.path
     Image.open(image).resize((160, 120)).save(image)
     with pytest.raises(DataError) as err:
         list(_dali(ds, 3, ShardedSampler(len(ds), shuffle=False, drop_last=False, batch_size=3)))

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_DATA
-from data_pipelines.hc18 import HC18Dataset, scan_hc18
+from data_pipelines.readers.hc18 import HC18Dataset, scan_hc18
 from data_pipelines.synthetic.hc18 import generate_hc18_dataset
 from engine.tasks.fetal_head import ellipse as ell
 from engine.tasks.fetal_head import FetalHeadAccumulator, FetalHeadTask

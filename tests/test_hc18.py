@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import SHARED_DATA
 from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError, OptionError
-from data_pipelines.hc18 import (HC18_COLUMNS, HC18_FLIP_PAIRS, HC18_KPT_NAMES, HC18Dataset, HC18Record,
+from data_pipelines.readers.hc18 import (HC18_COLUMNS, HC18_FLIP_PAIRS, HC18_KPT_NAMES, HC18Dataset, HC18Record,
                                  build_hc18_data, load_for_predict, order_axis_points, read_mask, scan_hc18)
 from data_pipelines.synthetic.hc18 import exam_plan, generate_hc18_dataset, ramanujan_perimeter, synth_hc18_sample
 from data_pipelines.transforms import AugmentParams

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.batch import Batch, collate_samples
 from data_pipelines.errors import DataError
-from data_pipelines.hip_dataset import HipDataset, find_labelme_files
+from data_pipelines.readers.labelme_reader import HipDataset, find_labelme_files
 from data_pipelines.readers.labelme import read_labelme
 from data_pipelines.synthetic.hip import LANDMARK_CLASS, generate_hip_dataset
 from data_pipelines.transforms import AugmentParams, warp_points
@@ -109,7 +109,7 @@ def test_augmentation_is_a_function_of_seed_epoch_index_not_of_workers(synth):
     assert torch.equal(no_cache[1]["image_CHW"], serial[1]["image_CHW"])
     # an oversampled list repeats a file: one decoded copy, but each index gets its own augmentation
     dup = HipDataset([ds.json_paths[0]] * 2 + [ds.json_paths[1]], input_hw=(64, 96), augment=AUG, cache_decoded=True)
-    assert len(dup) == 3 and dup._cache[0] is dup._cache[1]
+    assert len(dup) == 3 and dup.working(0) is dup.working(1)
     assert not torch.equal(dup[0]["kpts_px_K2"], dup[1]["kpts_px_K2"])
     # mm per input pixel follows the letterbox and the augmentation's scale
     scale = np.sqrt(abs(np.linalg.det(np.array(serial[1]["meta"]["to_input_3x3"])[:2, :2])))

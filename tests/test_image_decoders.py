@@ -203,7 +203,7 @@ def test_missing_opencv_is_a_clear_error_and_pil_still_works(tmp_path, monkeypat
 
 
 def test_importing_the_reader_does_not_import_opencv():
-    code = "import sys, data_pipelines.readers.labelme, data_pipelines.hip_dataset; print('cv2' in sys.modules)"
+    code = "import sys, data_pipelines.readers.labelme, data_pipelines.readers.labelme_reader; print('cv2' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

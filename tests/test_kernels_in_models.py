@@ -159,7 +159,7 @@ def test_fused_gate_conv_follows_autocast_like_the_plain_conv():
 def test_loader_skips_targets_when_the_device_renders_them():
     from engine.config import DataConfig
     from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-    from data_pipelines.task_data import loader_heatmap_impl
+    from data_pipelines.build import loader_heatmap_impl
     assert loader_heatmap_impl(DataConfig(targets="device")) == "none"
     assert loader_heatmap_impl(DataConfig(targets="loader")) == "numba"
     assert loader_heatmap_impl(DataConfig(targets="auto")) == "numba"      # unresolved: the loader renders

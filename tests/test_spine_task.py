@@ -189,7 +189,7 @@ def test_figures_written(tmp_path):
 
 def test_decoder_and_prior_when_the_skeleton_module_exists(tmp_path):
     pytest.importorskip("models.skeleton")
-    from data_pipelines.spine_dataset import SpineDataset
+    from data_pipelines.readers.nifti_reader import SpineDataset
     from data_pipelines.synthetic.spine import generate_spine_dataset
     paths = generate_spine_dataset(tmp_path / "d", 4, seed=3, shape=(6, 160, 96))
     ds = SpineDataset(paths, input_hw=(128, 128), sigma_px=2.0)

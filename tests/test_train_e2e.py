@@ -9,7 +9,7 @@ import torch
 
 from _dist_utils import REPO, torchrun
 from engine.config import load_config
-from engine.run import resolve_config, resolve_targets, train
+from engine.run import prepare, resolve_config, resolve_targets, train
 
 TINY = [
     "data.synth_n=40", "data.synth_image_hw=[96, 128]", "data.input_hw=[64, 96]", "data.sigma_px=1.5",
@@ -60,8 +60,11 @@ def test_tiny_run_learns_and_writes_report(tmp_path, phantom_root):
     assert len(list((tmp_path / "figures" / "overlays").glob("*.png"))) == 2
     assert result["step"] == 60 and result["best_step"] in (30, 60)
     saved = load_config(tmp_path / "config.yaml")
-    # the saved config is the resolved one (format, best metric, where targets are rendered: filled in)
-    assert saved == resolve_targets(resolve_config(cfg), torch.device("cpu"))
+    # the saved config is the resolved one (format, best metric, where targets are rendered, the model's data-shaped
+    # arguments: filled in)
+    assert saved == resolve_targets(prepare(cfg)[0], torch.device("cpu"))
+    assert {k: saved.model.args[k] for k in ("num_keypoints", "in_channels", "num_classes")} == \
+        {"num_keypoints": 6, "in_channels": 3, "num_classes": 8} and saved.model.criterion_args["num_classes"] == 8
     assert saved.data.format == "labelme" and saved.train.best_metric == "alpha_mae_deg"
     assert saved.data.targets == "loader"              # CPU training: the loader renders the heatmap targets
 

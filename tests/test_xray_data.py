@@ -17,7 +17,7 @@ from data_pipelines.synthetic.xray import HEAD_R, generate_xray_dataset, render_
 from data_pipelines.transforms import AugmentParams
 from data_pipelines.readers.xray_csv import (XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, equalize_hist, find_xray_samples,
                                      parse_xray_points, read_xray_csv, validate_xray_pair, write_xray_csv)
-from data_pipelines.xray_dataset import (XrayDataset, build_xray_csv_data, group_of, load_for_predict,
+from data_pipelines.readers.xray_csv import (XrayDataset, build_xray_csv_data, group_of, load_for_predict,
                                          stretch_matrix)
 from engine.config import DataConfig
 
@@ -274,7 +274,7 @@ def test_builder_makes_grouped_splits_for_a_flat_layout_and_generates_the_phanto
     assert any(len([i for i in sp["train"] + sp["val"] + sp["test"] if group_of(i) == g]) == 2
                for g in groups["train"] | groups["val"] | groups["test"])   # two-view patients exist
     item = out["test"][0]
-    assert out["test"].resize == "letterbox" and item["image_CHW"].shape == (3, 64, 64) and "heatmap_KHW" not in item
+    assert out["test"].pre.resize == "letterbox" and item["image_CHW"].shape == (3, 64, 64) and "heatmap_KHW" not in item
     pred = load_for_predict(out["test"].original(0)["csv"], cfg)
     torch.testing.assert_close(pred["input_CHW"], item["image_CHW"])   # predict input == evaluation sample
     np.testing.assert_allclose(pred["to_input_3x3"], item["meta"]["to_input_3x3"])

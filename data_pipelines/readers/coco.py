@@ -39,21 +39,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from data_pipelines.errors import DataError, OptionError, index_and_epoch, naming_file
-from data_pipelines.heatmaps import heatmap_item, render_heatmaps
-from data_pipelines.readers.labelme import load_json_object, rasterize_polygons
-from data_pipelines.transforms import (AugmentParams, apply_flip_pairs, augment_intensity, letterbox_matrix,
-                                       points_in_frame, random_affine_matrix, sampling_grid, warp_image, warp_mask,
-                                       warp_points)
+from data_pipelines.dataset import LandmarkDataset, decode_mask
+from data_pipelines.errors import DataError, OptionError
+from data_pipelines.images import decode_pixels
+from data_pipelines.readers.base import (GENERIC_OPTIONS, PAD_VALUE, Reader, ReadResult, channels_of,
+                                         check_generic_options, flip_pairs_from_names,  # noqa: F401 (public name)
+                                         generic_preprocess, resolve_flip_pairs)
+from data_pipelines.readers.labelme import load_json_object
+from data_pipelines.records import DataInfo, ImageSource, MaskSource, Preprocess, Record
+from data_pipelines.transforms import AugmentParams, points_in_frame
 
 log = logging.getLogger("medpose")
 
 SPLIT_NAMES = ("train", "val", "test")
-PAD_VALUE = 128.0 / 255.0       # letterbox padding, the input convention of the other readers
 _TOP_KEYS = ("images", "annotations", "categories")
 
 
@@ -448,7 +448,7 @@ def read_coco(json_path: str | Path, images_dir: str | Path | None = None, categ
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Masks, flip pairs, pixels
+# Masks
 # ----------------------------------------------------------------------------------------------------------------
 
 def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
@@ -462,236 +462,242 @@ def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
 
 def sample_mask(segments: list, hw: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W): 1 where a polygon (labelme's pixel-centre rasteriser) or an RLE of the annotation covers."""
-    mask = rasterize_polygons([(1, p) for p in segments if isinstance(p, np.ndarray)], hw)
-    for rle in (s for s in segments if isinstance(s, dict)):
-        mask[rle_decode(rle)] = 1
-    return mask
+    return decode_mask(_mask_source(segments), hw, "COCO segmentation")
 
 
-_SIDE_PREFIX = re.compile(r"^(left|right|l|r)([_\-. ])(.+)$", re.IGNORECASE)
-_SIDE_SUFFIX = re.compile(r"^(.+?)([_\-. ])(left|right|l|r)$", re.IGNORECASE)
-_OTHER_SIDE = {"left": "right", "right": "left", "l": "r", "r": "l"}
-
-
-def _mirror_name(name: str) -> str | None:
-    """left_eye -> right_eye, femur_l -> femur_r, Left-Knee -> Right-Knee; None for a name without a side."""
-    for pattern, group in ((_SIDE_PREFIX, 1), (_SIDE_SUFFIX, 3)):
-        found = pattern.match(name)
-        if found:
-            side = found.group(group)
-            other = _OTHER_SIDE[side.lower()]
-            other = other.upper() if side.isupper() else other.capitalize() if side[0].isupper() else other
-            return name[:found.start(group)] + other + name[found.end(group):]
-    return None
-
-
-def flip_pairs_from_names(names: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """Index pairs swapped by a horizontal flip: names differing only in their side word (left_*/right_*, l_*/r_*,
-    *_left/*_right, *_l/*_r; separators _ - . or space). A side name without its partner stays unpaired."""
-    index = {n: i for i, n in enumerate(names)}
-    pairs = []
-    for i, name in enumerate(names):
-        j = index.get(_mirror_name(name) or "")
-        if j is not None and i < j:
-            pairs.append((i, j))
-    return tuple(pairs)
-
-
-def resolve_flip_pairs(spec: Sequence[Sequence[int | str]] | None, names: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """reader_args.flip_pairs (pairs of 0-based indices or keypoint names) or, when None, pairs from the names."""
-    if spec is None:
-        return flip_pairs_from_names(names)
-    index = {n: i for i, n in enumerate(names)}
-    pairs, used = [], set()
-    for pair in spec:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise OptionError(f"data.reader_args.flip_pairs: {pair!r} is not a pair")
-        ab = [index.get(v) if isinstance(v, str) else v if _is_int(v) and 0 <= v < len(names) else None for v in pair]
-        if None in ab or ab[0] == ab[1] or used & set(ab):
-            raise OptionError(f"data.reader_args.flip_pairs: {list(pair)!r} must name two different keypoints "
-                              f"(0-based index or name of {list(names)}) not used in another pair")
-        used.update(ab)
-        pairs.append((ab[0], ab[1]))
-    return tuple(pairs)
+def _mask_source(segments: list) -> MaskSource:
+    return MaskSource(polygons=[(1, p) for p in segments if isinstance(p, np.ndarray)],
+                      rles=[s for s in segments if isinstance(s, dict)], max_class=1)
 
 
 def decode_image_CHW(path: Path) -> np.ndarray:
-    """uint8 (C, H, W): C = 1 for a grey image (16-bit scaled to 8), else 3 (RGB; an RGB file whose channels are
-    equal is kept as one channel, which warps three times faster)."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode.startswith("I;16"):
-            grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        elif img.mode in ("I", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            grey = np.clip(np.rint(arr * (255.0 / max(float(arr.max()), 1.0))), 0, 255).astype(np.uint8)
-        elif img.mode in ("L", "LA", "1"):
-            grey = np.asarray(img.convert("L"), dtype=np.uint8)
-        else:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-                return np.ascontiguousarray(rgb.transpose(2, 0, 1))
-            grey = rgb[..., 0]
-    return np.ascontiguousarray(grey[None])
-
-
-def _to_input(image_CHW: np.ndarray, m: np.ndarray, input_hw: tuple[int, int], grid) -> torch.Tensor:
-    """Float image in [0, 1] -> the 3-channel network input (bilinear warp, pad 128/255, grey replicated)."""
-    out = warp_image(image_CHW, m, input_hw, pad_value=PAD_VALUE, grid=grid)
-    return out.expand(3, -1, -1).contiguous() if out.shape[0] == 1 else out
+    """uint8 (C, H, W) by the "auto" colour rule of data_pipelines/images.py (C = 1 for grey, else 3)."""
+    return decode_pixels(path, "auto")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dataset
+# Records and the dataset
 # ----------------------------------------------------------------------------------------------------------------
 
-class CocoDataset(Dataset):
-    """A read COCO file -> sample dicts for collate_samples (contract: data_pipelines/task_data.py).
+def coco_records(index: CocoIndex, spacing_mm: Sequence[float] | None = None) -> list[Record]:
+    """The index's samples as Records. spacing_mm: for images without a "spacing_mm" field (None: unknown)."""
+    fallback = None if spacing_mm is None else np.asarray(spacing_mm, dtype=np.float64).reshape(2)
+    out = []
+    for s in index.samples:
+        out.append(Record(
+            id=s.id, where=str(index.json_path), entry=s.entry,
+            image=ImageSource(path=str(s.image_path), name=str(s.image_path)), hw=tuple(s.hw),
+            kpts_px_K2=s.kpts_px_K2, kpts_visible_K=s.kpts_visible_K,
+            mask=_mask_source(s.segments) if index.masks else None,
+            spacing_mm=s.spacing_mm if s.spacing_mm is not None else fallback,
+            patient_id=s.patient_id if s.patient_id is not None else PurePosixPath(s.file_name).stem,
+            split=s.split, meta={"json": str(index.json_path)}))
+    return out
 
-    index: from read_coco (validated up front). ids: the samples to use, by sample id, repeats allowed (a split,
-    an oversampled training list); None = all, and only then `.skipped` lists the entries read_coco left out.
-    spacing_mm: mm per original pixel (x, y) for images without a "spacing_mm" field; None -> 1.0 (distances in
-    "mm" are then pixels). Augmentation draws from numpy's Generator seeded with (seed, epoch, index), whichever
-    worker loads the sample; flips swap the landmark pairs of augment.flip_pairs.
-    """
 
-    def __init__(self, index: CocoIndex, input_hw: tuple[int, int] = (128, 160), augment: AugmentParams | None = None,
-                 sigma_px: float = 2.0, heatmap_peak: float = 255.0, spacing_mm: Sequence[float] | None = None,
-                 seed: int = 0, heatmap_impl: str = "numba", cache_decoded: bool = False,
-                 ids: Sequence[str] | None = None):
-        if len(input_hw) != 2 or min(input_hw) < 2:
-            raise ValueError(f"CocoDataset: input_hw must be (H, W) with both >= 2, got {input_hw}")
-        if sigma_px <= 0:
-            raise ValueError(f"CocoDataset: sigma_px must be > 0, got {sigma_px}")
-        self.index, self.input_hw = index, (int(input_hw[0]), int(input_hw[1]))
-        self.augment = augment if augment is not None and augment.enabled else None
-        self.sigma_px, self.heatmap_peak, self.heatmap_impl = float(sigma_px), float(heatmap_peak), heatmap_impl
-        self.seed, self.epoch = int(seed), 0
-        self.kpt_names = tuple(index.category.kpt_names)
-        self.class_names = ("background", index.category.name) if index.masks else None
-        self.samples = self._select(index, ids)
-        self.skipped: list[tuple[str, str]] = list(index.skipped) if ids is None else []
-        if ids is None:
-            self._log_left_out(index)
-        fallback = np.asarray(spacing_mm if spacing_mm is not None else (1.0, 1.0), dtype=np.float64).reshape(2)
-        if ids is None and spacing_mm is None and any(s.spacing_mm is None for s in self.samples):
-            log.info("%s: images without spacing_mm use 1.0 mm/px (distances in mm are pixels)", index.json_path)
-        self._spacing = [s.spacing_mm if s.spacing_mm is not None else fallback for s in self.samples]
-        self._cache = self._decode_all() if cache_decoded else None
-        render_heatmaps(np.zeros((1, 2)), np.ones(1, bool), (3, 3), 1.0, impl=heatmap_impl)   # compile before fork
+def coco_info(index: CocoIndex, flip_pairs=(), channels: int = 3) -> DataInfo:
+    names = tuple(index.category.kpt_names)
+    classes = ("background", index.category.name) if index.masks else None
+    return DataInfo(names, classes, tuple(flip_pairs), channels, "per_image")
 
-    @staticmethod
-    def _select(index: CocoIndex, ids: Sequence[str] | None) -> list[CocoSample]:
-        if ids is None:
-            chosen = list(index.samples)
-        else:
-            by_id = {s.id: s for s in index.samples}
-            unknown = [i for i in ids if i not in by_id]
-            if unknown:
-                raise ValueError(f"CocoDataset: {index.json_path} has no sample {unknown[0]!r}")
-            chosen = [by_id[i] for i in ids]
-        if not chosen:
-            raise DataError(index.json_path, f"no usable samples of category '{index.category.name}' "
-                            f"({len(index.skipped)} entries skipped, {len(index.unannotated)} images unannotated)")
-        return chosen
 
-    @staticmethod
-    def _log_left_out(index: CocoIndex) -> None:
-        if index.skipped:
-            log.warning("%s: skipped %d bad entr%s:\n%s", index.json_path, len(index.skipped),
-                        "y" if len(index.skipped) == 1 else "ies",
-                        "\n".join(f"  {problem}" for _, problem in index.skipped))
-        if index.unannotated:
-            log.info("%s: %d image(s) without an annotation of '%s' left out (first: %s)", index.json_path,
-                     len(index.unannotated), index.category.name, index.unannotated[0])
+def CocoDataset(index: CocoIndex, input_hw: tuple[int, int] = (128, 160), augment: AugmentParams | None = None,
+                sigma_px: float = 2.0, heatmap_peak: float = 255.0, spacing_mm: Sequence[float] | None = None,
+                seed: int = 0, heatmap_impl: str = "numba", cache_decoded: bool = False,
+                ids: Sequence[str] | None = None, channels: int = 3) -> LandmarkDataset:
+    """A read COCO file as the engine's dataset (data_pipelines/dataset.py): letterboxed into input_hw, padded with
+    128/255, grey replicated to `channels`. ids: the samples to use, by sample id, repeats allowed (None = all, and
+    only then `.skipped` lists the entries read_coco left out); spacing_mm for images without one (None: unknown)."""
+    records = coco_records(index, spacing_mm)
+    if ids is not None:
+        by_id = {r.id: r for r in records}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ValueError(f"CocoDataset: {index.json_path} has no sample {unknown[0]!r}")
+        records = [by_id[i] for i in ids]
+    if not records:
+        raise DataError(index.json_path, f"no usable samples of category '{index.category.name}' "
+                        f"({len(index.skipped)} entries skipped, {len(index.unannotated)} images unannotated)")
+    if ids is None:
+        _log_left_out(index)
+    pre = Preprocess(tuple(int(n) for n in input_hw), pad_value=PAD_VALUE, channels=channels)
+    return LandmarkDataset(records, coco_info(index, augment.flip_pairs if augment else (), channels), pre, augment,
+                           sigma_px=sigma_px, heatmap_peak=heatmap_peak, heatmap_impl=heatmap_impl, seed=seed,
+                           cache_decoded=cache_decoded, skipped=list(index.skipped) if ids is None else [],
+                           where=str(index.json_path))
 
-    def _decode(self, s: CocoSample) -> tuple[np.ndarray, np.ndarray | None]:
+
+def _log_left_out(index: CocoIndex) -> None:
+    if index.skipped:
+        log.warning("%s: skipped %d bad entr%s:\n%s", index.json_path, len(index.skipped),
+                    "y" if len(index.skipped) == 1 else "ies", "\n".join(f"  {problem}" for _, problem in index.skipped))
+    if index.unannotated:
+        log.info("%s: %d image(s) without an annotation of '%s' left out (first: %s)", index.json_path,
+                 len(index.unannotated), index.category.name, index.unannotated[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reader (data.format = coco)
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULTS: dict[str, Any] = {"annotations": "annotations.json", "images": "auto", "category": None,
+                            "pixel_offset": 0.5, "masks": False, "splits_from": None, "one_per_image": True,
+                            **GENERIC_OPTIONS}
+LAYOUT = ("a COCO keypoints file (reader_args.annotations, default annotations.json) with its images beside it or in "
+          "images/ (reader_args.images)")
+
+
+def check_options(opts: dict[str, Any], data_cfg=None) -> dict[str, Any]:
+    """data.reader_args over DEFAULTS, each value checked (OptionError naming the option)."""
+    checks = {
+        "annotations": isinstance(opts["annotations"], str) and bool(opts["annotations"]),
+        "images": isinstance(opts["images"], str),
+        "category": opts["category"] is None or isinstance(opts["category"], str) or _is_int(opts["category"]),
+        "pixel_offset": _is_num(opts["pixel_offset"]) and math.isfinite(opts["pixel_offset"]),
+        "masks": isinstance(opts["masks"], bool),
+        "one_per_image": isinstance(opts["one_per_image"], bool),
+        "splits_from": opts["splits_from"] is None or (
+            isinstance(opts["splits_from"], Mapping) and sorted(opts["splits_from"]) == sorted(SPLIT_NAMES)
+            and all(isinstance(v, str) and v for v in opts["splits_from"].values())),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise OptionError(f"data.reader_args.{key}: bad value {opts[key]!r} (see data_pipelines/readers/coco.py: "
+                              f"annotations str, images str (auto: the JSON's folder, or images/ beside it), category "
+                              f"name|id, pixel_offset number, masks and one_per_image bool, splits_from {{train, val, "
+                              f"test: file}})")
+    return check_generic_options(opts)
+
+
+def _annotation_files(root: Path, opts: dict) -> list[Path]:
+    return [root / f for f in (opts["splits_from"].values() if opts["splits_from"] else [opts["annotations"]])]
+
+
+def images_dir(json_path: Path, opts: dict, doc: dict | None = None) -> Path:
+    """reader_args.images relative to the JSON's folder; "auto": the JSON's folder, or images/ beside the JSON when
+    the first image's file_name is not found directly."""
+    if opts["images"] != "auto":
+        return json_path.parent / opts["images"]
+    beside = json_path.parent / "images"
+    if not beside.is_dir():
+        return json_path.parent
+    doc = doc if doc is not None else load_json_object(json_path, "COCO file")
+    first = next((im.get("file_name") for im in doc.get("images", []) if isinstance(im, dict)
+                  and isinstance(im.get("file_name"), str)), None)
+    if first is not None and not (json_path.parent / first.replace("\\", "/")).is_file():
+        return beside
+    return json_path.parent
+
+
+def _read(json_path: Path, opts: dict, skip_bad: bool, only: set[Path] | None = None) -> CocoIndex:
+    return read_coco(json_path, images_dir(json_path, opts), opts["category"], opts["pixel_offset"], opts["masks"],
+                     opts["one_per_image"], skip_bad, only)
+
+
+def has_data(root: Path, opts: dict) -> bool:
+    return all(p.is_file() for p in _annotation_files(root, opts))
+
+
+def describe(root: Path, opts: dict, data_cfg) -> DataInfo:
+    """Names, classes and flip pairs from the category; channels from the image headers (no pixels decoded)."""
+    json_path = _annotation_files(root, opts)[0]
+    doc = _load_doc(json_path)
+    chosen = _choose_category(_categories(doc, json_path), opts["category"], json_path)
+    folder = images_dir(json_path, opts, doc)
+    files = [folder / im["file_name"].replace("\\", "/") for im in doc["images"]
+             if isinstance(im, dict) and isinstance(im.get("file_name"), str)]
+    files = [str(f) for f in files if f.is_file()]
+    return DataInfo(tuple(chosen.kpt_names), ("background", chosen.name) if opts["masks"] else None,
+                    resolve_flip_pairs(opts["flip_pairs"], chosen.kpt_names), channels_of(opts, files), "per_image")
+
+
+def read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
+    """Every sample of the annotation file(s); a record's split comes from splits_from files or "split" fields."""
+    spacing = getattr(data_cfg, "spacing_mm", None)
+    if opts["splits_from"]:
+        indices = {name: _read(root / opts["splits_from"][name], opts, skip_bad) for name in SPLIT_NAMES}
+        names = {indices[n].category.kpt_names for n in SPLIT_NAMES}
+        if len(names) > 1:
+            raise DataError(root, f"the split files' categories list different keypoints: {sorted(names)}")
+        records = []
+        for name in SPLIT_NAMES:
+            for r in coco_records(indices[name], spacing):
+                r.split = name
+                records.append(r)
+        index, where, source = indices["train"], root, "reader_args.splits_from"
+        skipped = [s for n in SPLIT_NAMES for s in indices[n].skipped]
+    else:
+        index = _read(_annotation_files(root, opts)[0], opts, skip_bad)
+        records, where = coco_records(index, spacing), index.json_path
+        source, skipped = f"'split' fields of {index.json_path.name}", list(index.skipped)
+    _log_left_out(index)
+    info = describe(root, opts, data_cfg) if records else coco_info(index)
+    return ReadResult(records, info, skipped, where, source)
+
+
+def preprocess(opts: dict, data_cfg, info: DataInfo) -> Preprocess:
+    return generic_preprocess(opts, data_cfg, info)
+
+
+def predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
+    """The image's record in the run's COCO file(s) when listed there (truth, spacing), else None."""
+    root = Path(data_cfg.root)
+    for json_path in _annotation_files(root, opts):
+        if not json_path.is_file():
+            continue
         try:
-            image = decode_image_CHW(s.image_path)
-        except Exception as exc:
-            raise DataError(self.index.json_path, f"{s.entry}: image file {s.image_path} does not decode "
-                            f"({type(exc).__name__}: {exc})") from exc
-        if image.shape[1:] != s.hw:
-            raise DataError(self.index.json_path, f"{s.entry}: image file {s.image_path} changed size since it was "
-                            f"checked ({image.shape[2]}x{image.shape[1]})")
-        return image, sample_mask(s.segments, s.hw) if self.index.masks else None
+            index = _read(json_path, opts, skip_bad=True, only={Path(path).resolve()})
+        except DataError as exc:
+            log.warning("no ground truth for %s: %s", path, exc)
+            continue
+        if index.samples:
+            return coco_records(index, getattr(data_cfg, "spacing_mm", None))[0]
+    return None
 
-    def _decode_all(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        decoded: dict[str, tuple] = {}       # repeats (oversampling, several annotations) share one decoded copy
-        for s in self.samples:
-            if s.id not in decoded:
-                decoded[s.id] = self._decode(s)
-        return [decoded[s.id] for s in self.samples]
 
-    # -------------------------------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.samples)
+def synthesize(root: Path, opts: dict, data_cfg) -> None:
+    """An empty root filled with the hip phantom (data_pipelines/synthetic/hip.py) as a COCO file: 6 landmarks, masks
+    = any structure."""
+    import tempfile
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    from data_pipelines.readers.coco_export import dataset_to_coco
+    from data_pipelines.readers.labelme_reader import HipDataset
+    from data_pipelines.synthetic.hip import generate_hip_dataset
+    ann = _annotation_files(root, opts)[0]
+    if root.is_dir() and any(root.iterdir()):
+        raise DataError(ann, "annotations file not found; data.synthetic=true only fills an empty folder")
+    log.info("generating %d phantom images as COCO into %s", data_cfg.synth_n, root)
+    with tempfile.TemporaryDirectory(prefix="medpose_synth_") as tmp:
+        files = generate_hip_dataset(tmp, data_cfg.synth_n, seed=data_cfg.synth_seed,
+                                     type2_ratio=getattr(data_cfg, "synth_type2_ratio", 0.35),
+                                     image_hw=tuple(data_cfg.synth_image_hw))
+        image_root = root / ("images" if opts["images"] == "auto" else opts["images"])
+        dataset_to_coco(HipDataset(files), ann, image_root, category_name="hip")
 
-    def sample_id(self, i: int) -> str:
-        return self.samples[i].id
 
-    def group_id(self, i: int) -> str:
-        """The image's patient_id, else its file stem: a patient's images never straddle two splits."""
-        s = self.samples[i]
-        return s.patient_id if s.patient_id is not None else PurePosixPath(s.file_name).stem
+def synthetic_info(opts: dict, data_cfg) -> DataInfo:
+    from data_pipelines.readers.labelme import HIP_KPT_NAMES
+    channels = 1 if opts["channels"] == "auto" else int(opts["channels"])     # the phantom is grey
+    return DataInfo(tuple(HIP_KPT_NAMES), ("background", "hip") if opts["masks"] else None,
+                    resolve_flip_pairs(opts["flip_pairs"], HIP_KPT_NAMES), channels, "per_image")
 
-    def stratum(self, i: int) -> None:
-        return None
 
-    def original(self, i: int) -> dict[str, Any]:
-        """Sample i in its original frame: image_HW3 uint8, kpts_px_K2, kpts_visible_K, spacing_mm_2 (mm per original
-        pixel), id, json, image, optional mask_HW."""
-        s = self.samples[i]
-        image, mask = self._cache[i] if self._cache is not None else self._decode(s)
-        hw3 = image.transpose(1, 2, 0)
-        out = {"image_HW3": np.repeat(hw3, 3, axis=2) if hw3.shape[2] == 1 else hw3,
-               "kpts_px_K2": s.kpts_px_K2.copy(), "kpts_visible_K": s.kpts_visible_K.copy(),
-               "spacing_mm_2": self._spacing[i].copy(), "id": s.id, "json": str(self.index.json_path),
-               "image": str(s.image_path), "patient_id": self.group_id(i)}
-        if mask is not None:
-            out["mask_HW"] = mask
-        return out
+READER = Reader(name="coco", layout=LAYOUT, defaults=DEFAULTS, check_options=check_options, has_data=has_data,
+                describe=describe, read=read, preprocess=preprocess, predict_record=predict_record,
+                annotation_suffixes=(), synthesize=synthesize, synthetic_info=synthetic_info)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        i, epoch = index_and_epoch(index, self.epoch)
-        return naming_file(self.index.json_path, self._load, i, epoch, prefix=f"{self.samples[i].entry}: ")
 
-    def _load(self, i: int, epoch: int) -> dict[str, Any]:
-        s = self.samples[i]
-        image_u8, mask = self._cache[i] if self._cache is not None else self._decode(s)
-        m = letterbox_matrix(s.hw, self.input_hw)
-        scale = m[0, 0]
-        image = image_u8.astype(np.float32) * np.float32(1.0 / 255.0)
-        flipped = False
-        if self.augment is not None:
-            a = self.augment
-            rng = np.random.default_rng([self.seed, epoch, i])
-            m_aug, flipped = random_affine_matrix(rng, self.input_hw, a.rotation_deg, a.scale_range, a.translate_frac,
-                                                  a.shear_deg, a.flip_p)
-            m = m_aug @ m
-            scale *= float(np.sqrt(abs(np.linalg.det(m_aug[:2, :2]))))
-            image = augment_intensity(image, rng, a)       # before the warp: the padding stays exactly 128/255
-        grid = sampling_grid(m, s.hw, self.input_hw)
-        kpts = warp_points(s.kpts_px_K2, m)
-        visible = s.kpts_visible_K & points_in_frame(kpts, self.input_hw)
-        if flipped and self.augment.flip_pairs:
-            kpts, visible = apply_flip_pairs(kpts, visible, self.augment.flip_pairs)
-        kpts = kpts.astype(np.float32)
-        out = {
-            "image_CHW": _to_input(image, m, self.input_hw, grid),
-            "kpts_px_K2": torch.from_numpy(kpts),
-            "kpts_visible_K": torch.from_numpy(visible),
-            **heatmap_item(render_heatmaps(kpts, visible, self.input_hw, self.sigma_px, self.heatmap_peak,
-                                           impl=self.heatmap_impl)),
-            # mm per input pixel: exact for the letterbox and for a similarity augmentation of isotropic spacing
-            "spacing_mm_2": torch.from_numpy((self._spacing[i] / scale).astype(np.float32)),
-            "meta": {"index": i, "id": s.id, "json": str(self.index.json_path), "image": str(s.image_path),
-                     "patient_id": self.group_id(i), "orig_hw": tuple(s.hw), "to_input_3x3": m.tolist(),
-                     "flipped": flipped},
-        }
-        if mask is not None:
-            out["mask_HW"] = warp_mask(mask, m, self.input_hw, grid=grid)
-        return out
+def build_coco_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
+    """The run's COCO data (data_pipelines/build.py with data.format = coco)."""
+    import dataclasses
+
+    from data_pipelines.build import build_data
+    return build_data(dataclasses.replace(data_cfg, format="coco"), run_dir, strategy, seed)
+
+
+def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
+    """One image for `medpose predict` read as COCO data (data_pipelines/predict_input.py)."""
+    import dataclasses
+
+    from data_pipelines.predict_input import load_for_predict as load
+    return load(path, dataclasses.replace(data_cfg, format="coco"))

@@ -68,8 +68,9 @@ def _export_entry(n: int, s: Mapping[str, Any], k: int, offset: float) -> tuple[
     for key in ("patient_id", "split"):
         if s.get(key) is not None:
             image[key] = str(s[key])
-    if s.get("spacing_mm") is not None:
-        image["spacing_mm"] = [float(v) for v in np.asarray(s["spacing_mm"], dtype=np.float64).reshape(2)]
+    spacing = None if s.get("spacing_mm") is None else np.asarray(s["spacing_mm"], dtype=np.float64).reshape(2)
+    if spacing is not None and np.all(np.isfinite(spacing)):          # NaN = unknown: no field
+        image["spacing_mm"] = [float(v) for v in spacing]
     ann = {"id": n, "image_id": n, "category_id": 1, "keypoints": flat, "num_keypoints": int(vis.sum()),
            "bbox": bbox, "area": area, "iscrowd": 0}
     if mask is not None:

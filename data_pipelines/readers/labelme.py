@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.errors import DataError
+from data_pipelines.images import RGB_DECODERS, decode_rgb, open_image, source_name
 
 # Structure names -> class ids (0 = background), point names -> landmark index, labels to skip.
 # Chinese strings are the published annotations' (SEEDS.md §1); English names are accepted beside them.
@@ -281,15 +282,11 @@ def _image_source(doc: dict[str, Any], json_path: Path) -> str | bytes:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _image_name(source: str | bytes, json_path: Path) -> str:
-    return source if isinstance(source, str) else f"{json_path}#imageData"
+    return source_name(source, json_path)
 
 
 def _open_image(source: str | bytes, json_path: Path) -> Image.Image:
-    name = _image_name(source, json_path)
-    try:
-        return Image.open(source if isinstance(source, str) else io.BytesIO(source))
-    except Exception as exc:   # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... on bad files
-        raise DataError(name, f"image does not decode ({type(exc).__name__}: {exc}) - referenced by {json_path}")
+    return open_image(source, json_path)
 
 
 def _check_hw(height: int, width: int, hw: tuple[int, int], source, json_path: Path) -> None:
@@ -303,83 +300,20 @@ def _check_size(img: Image.Image, hw: tuple[int, int], source, json_path: Path) 
     _check_hw(img.height, img.width, hw, source, json_path)
 
 
-def _decode_rgb(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np.ndarray:
-    """uint8 (H, W, 3); grey and 16-bit images become 8-bit grey replicated to 3 channels."""
-    with _open_image(source, json_path) as img:
-        _check_size(img, hw, source, json_path)
-        try:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-            elif img.mode == "L":
-                grey = np.asarray(img, dtype=np.uint8)
-            else:
-                return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
-        except Exception as exc:
-            raise DataError(_image_name(source, json_path),
-                            f"image does not decode ({type(exc).__name__}: {exc}) - referenced by {json_path}")
-    return _grey_to_rgb(grey)
+def _checked(decoder: str):
+    """A data_pipelines/images.py RGB decoder whose size check speaks labelme's field names."""
+    def decode(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np.ndarray:
+        if decoder == "pil":
+            with _open_image(source, json_path) as img:
+                _check_size(img, hw, source, json_path)
+        rgb = decode_rgb(source, None, json_path, decoder)
+        _check_hw(rgb.shape[0], rgb.shape[1], hw, source, json_path)
+        return rgb
+    return decode
 
 
-def _grey_to_rgb(grey_HW: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.repeat(grey_HW[:, :, None], 3, axis=2))
-
-
-def _import_cv2():
-    try:
-        import cv2
-    except ImportError as exc:
-        raise ImportError(f"data_pipelines/readers/labelme.py: decoder='cv2' needs OpenCV ({exc}); install "
-                          f"opencv-python-headless, or use decoder='pil'") from exc
-    return cv2
-
-
-def _decode_rgb_cv2(source: str | bytes, hw: tuple[int, int], json_path: Path) -> np.ndarray:
-    """The same uint8 (H, W, 3) as _decode_rgb, decoded by OpenCV (cv2.imdecode, IMREAD_UNCHANGED: no EXIF rotation,
-    as PIL's Image.open). Per OpenCV's result: grey uint8 -> replicated; BGR -> RGB; BGRA -> RGB with alpha dropped
-    (PIL's convert("RGB") drops it too; palette and grey+alpha files arrive as BGR/BGRA); 16-bit grey -> rounded
-    v * 255 / 65535 (PIL's I;16 path); 16-bit colour -> the high byte (what PIL's PNG decoder keeps); 32-bit integer
-    grey -> scaled by its maximum (PIL's mode "I"). Other pixel types (float, signed 16-bit) raise a DataError."""
-    cv2 = _import_cv2()
-    name = _image_name(source, json_path)
-    if isinstance(source, str):
-        try:
-            data = np.fromfile(source, dtype=np.uint8)
-        except OSError as exc:
-            raise DataError(name, f"cannot read the file ({exc.strerror or exc}) - referenced by {json_path}")
-    else:
-        data = np.frombuffer(source, dtype=np.uint8)
-    try:
-        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as exc:
-        raise DataError(name, f"image does not decode (cv2.error: {str(exc).strip()}) - referenced by {json_path}")
-    if arr is None:
-        raise DataError(name, f"image does not decode (cv2.imdecode returned nothing: not an image, or a corrupt "
-                              f"or truncated file) - referenced by {json_path}")
-    _check_hw(arr.shape[0], arr.shape[1], hw, source, json_path)
-    channels = 1 if arr.ndim == 2 else arr.shape[2]
-    if arr.ndim == 3 and channels == 1:
-        arr = arr[:, :, 0]
-    if channels == 1 and arr.dtype == np.uint8:
-        return _grey_to_rgb(arr)
-    if channels == 1 and arr.dtype == np.uint16:
-        return _grey_to_rgb(np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
-    if channels == 1 and arr.dtype == np.int32:
-        top = max(float(arr.max()), 1.0)
-        return _grey_to_rgb(np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8))
-    if channels in (3, 4) and arr.dtype in (np.uint8, np.uint16):
-        rgb = arr[:, :, 2::-1]                                 # BGR(A) -> RGB, alpha dropped
-        if arr.dtype == np.uint16:
-            rgb = (rgb >> 8).astype(np.uint8)
-        return np.ascontiguousarray(rgb)
-    raise DataError(name, f"image has {channels} channel(s) of {arr.dtype}, which decoder='cv2' does not convert "
-                          f"(decoder='pil' may) - referenced by {json_path}")
-
-
-# decoder name -> (source, (H, W), json_path) -> uint8 (H, W, 3); "pil" is the reference.
-IMAGE_DECODERS = {"pil": _decode_rgb, "cv2": _decode_rgb_cv2}
+# decoder name -> (source, (H, W), json_path) -> uint8 (H, W, 3); "pil" is the reference (data_pipelines/images.py).
+IMAGE_DECODERS = {name: _checked(name) for name in RGB_DECODERS}
 
 
 def decode_image(source: str | bytes, hw: tuple[int, int], json_path: str | Path, decoder: str = "pil") -> np.ndarray:

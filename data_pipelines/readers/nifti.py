@@ -36,6 +36,7 @@ import numpy as np
 from nibabel import orientations as ornt
 
 from data_pipelines.errors import DataError
+from data_pipelines.images import display_uint8, zscore  # noqa: F401 (re-exported: readers' public names)
 
 log = logging.getLogger(__name__)
 
@@ -222,21 +223,6 @@ def project_points(vox_K3: np.ndarray, shape_XYZ: tuple[int, int, int]) -> np.nd
     """Canonical voxel (x, y, z) -> 2-D point (col, row) = (ny - 1 - y, nz - 1 - z)."""
     _, ny, nz = shape_XYZ
     return np.stack([(ny - 1) - vox_K3[:, 1], (nz - 1) - vox_K3[:, 2]], axis=1)
-
-
-def zscore(image_HW: np.ndarray, path: str | Path = "") -> np.ndarray:
-    """(I - mean) / std over the image (SEEDS.md §3: per-image z-score); a constant image is a DataError."""
-    mean, std = float(image_HW.mean(dtype=np.float64)), float(image_HW.std(dtype=np.float64))
-    if not std > 0:
-        raise DataError(path, "the sagittal slab is constant (std 0); cannot z-score it")
-    return ((image_HW - mean) / std).astype(np.float32)
-
-
-def display_uint8(image_HW: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """A 2-D image scaled for figures: percentiles [low, high] -> [0, 255], clipped, uint8."""
-    lo, hi = np.percentile(image_HW, [low_pct, high_pct])
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.clip((image_HW - lo) * scale, 0, 255).round().astype(np.uint8)
 
 
 def load_sagittal(image_path: str | Path, label_path: str | Path | None = None, slab: int = 6,

@@ -18,16 +18,27 @@ Layouts: `<root>/{train,val,test}/{images,annotations}/` (the published splits, 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from data_pipelines.errors import DataError
+from data_pipelines.dataset import LandmarkDataset
+from data_pipelines.errors import DataError, OptionError
+from data_pipelines.images import decode_grey, equalize_hist  # noqa: F401 (public names of this reader)
+from data_pipelines.dataset import stretch_matrix  # noqa: F401 (a public name of this reader)
+from data_pipelines.readers.base import Reader, ReadResult, dataset_spacing
+from data_pipelines.records import NORMALIZE_MODES, RESIZE_MODES, DataInfo, ImageSource, Preprocess, Record
+from data_pipelines.transforms import AugmentParams
+
+log = logging.getLogger("medpose")
 
 NUM_XRAY_KPTS = 12
 XRAY_KPT_NAMES = tuple(f"p{k}" for k in range(1, NUM_XRAY_KPTS + 1))
@@ -161,41 +172,7 @@ def image_hw(path: str | Path) -> tuple[int, int]:
 
 def read_grey(path: str | Path) -> np.ndarray:
     """uint8 (H, W): 8-bit grey as is, 16-bit scaled by 255/65535, colour to luma (PIL 'L', ITU-R 601-2)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                return np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-            return np.ascontiguousarray(np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8))
-    except FileNotFoundError:
-        raise DataError(path, "image file not found") from None
-    except Exception as exc:
-        raise DataError(path, f"image does not decode ({type(exc).__name__}: {exc})") from None
-
-
-def equalize_hist(img_HW: np.ndarray) -> np.ndarray:
-    """Histogram equalisation of an 8-bit grey image, the formula of OpenCV's equalizeHist.
-
-    With hist the 256-bin histogram, i0 the first non-empty bin and N the pixel count: lut[i0] = 0 and, for
-    i > i0, lut[i] = round((cdf(i) - hist[i0]) * 255 / (N - hist[i0])) (float32 maths, round half to even like
-    cvRound); a single-valued image stays as it is.
-    """
-    img = np.asarray(img_HW)
-    if img.dtype != np.uint8 or img.ndim != 2:
-        raise ValueError(f"equalize_hist: need a uint8 (H, W) image, got {img.dtype} {img.shape}")
-    hist = np.bincount(img.ravel(), minlength=256).astype(np.int64)
-    i0 = int(np.flatnonzero(hist)[0]) if img.size else 0
-    total = int(img.size)
-    if total == 0 or hist[i0] == total:
-        return img.copy()
-    scale = np.float32(255.0) / np.float32(total - hist[i0])
-    sums = np.cumsum(hist) - hist[i0]                 # exact integers, as OpenCV's running int sum
-    lut = np.clip(np.rint(sums.astype(np.float32) * scale), 0, 255).astype(np.uint8)
-    lut[:i0 + 1] = 0
-    return lut[img]
+    return decode_grey(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,3 +270,157 @@ def validate_pairs(pairs: Sequence[tuple[Path, Path, str | None]], skip_bad: boo
                 raise
             skipped.append((exc.path, exc.problem))
     return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records, the dataset and the reader (data.format = xray_csv)
+# ----------------------------------------------------------------------------------------------------------------
+# Per sample: grey uint8 original -> histogram equalisation (published: on) -> /255 -> M = augment o resize (stretch:
+# the published cv2.resize, aspect not kept; letterbox: aspect kept, padded with black, the X-ray background) moves
+# image and landmarks; grey is replicated to 3 channels (optionally ImageNet-normalised). A horizontal flip swaps the
+# hips' landmarks (XRAY_FLIP_PAIRS). Heatmap targets only with heatmaps=True (the published models regress).
+XRAY_DEFAULTS = {"resize": "stretch", "equalize": True, "heatmaps": False, "normalize": "none"}
+XRAY_PAD_VALUE = 0.0
+XRAY_DEFAULT_SPACING_MM = (1.0, 1.0)
+XRAY_INFO = DataInfo(XRAY_KPT_NAMES, None, XRAY_FLIP_PAIRS, 3, "per_image")
+XRAY_LAYOUT = "<root>/{train,val,test}/{images,annotations}/ or <root>/images + <root>/annotations (one CSV per image)"
+_VIEW_SUFFIX = re.compile(r"^(?P<group>.+?)_(?P<view>\d+)$")
+_WARNED_SPACING: set[str] = set()
+
+
+def group_of(name: str) -> str:
+    """The patient / exam of an image name: the stem up to an optional `_<digits>` view suffix."""
+    found = _VIEW_SUFFIX.match(name)
+    return found["group"] if found else name
+
+
+def xray_records(records: Sequence[XrayRecord], spacing_mm: Sequence[float] | None = None) -> list[Record]:
+    """Validated CSV/image pairs as Records; spacing: data.spacing_mm, else dataset.json above the images, else
+    1.0 mm/px (warned once per folder: X-ray errors are then reported in pixels)."""
+    cache: dict[Path, Any] = {}
+    out, missing = [], []
+    for rec in records:
+        value = spacing_mm if spacing_mm is not None else dataset_spacing(rec.image_path, cache)
+        if value is None:
+            value = XRAY_DEFAULT_SPACING_MM
+            missing.append(str(rec.image_path.parent))
+        out.append(Record(id=rec.name, where=str(rec.csv_path), image=ImageSource(path=str(rec.image_path),
+                                                                                 name=str(rec.image_path)),
+                          hw=tuple(rec.hw), kpts_px_K2=np.asarray(rec.kpts_px_K2, dtype=np.float32),
+                          kpts_visible_K=np.ones(len(rec.kpts_px_K2), bool),
+                          spacing_mm=np.asarray(value, dtype=np.float64).reshape(2), patient_id=group_of(rec.name),
+                          split=rec.split, meta={"csv": str(rec.csv_path)}))
+    new = sorted(set(missing) - _WARNED_SPACING)
+    if new:
+        _WARNED_SPACING.update(new)
+        log.warning("xray_csv: no spacing_mm given and no dataset.json with 'spacing_mm' above %s; using %s mm/px "
+                    "(X-ray errors are reported in pixels)", ", ".join(new[:3]), XRAY_DEFAULT_SPACING_MM)
+    return out
+
+
+def xray_preprocess(input_hw, resize: str = "stretch", equalize: bool = True, normalize: str = "none",
+                    preresize: bool = False) -> Preprocess:
+    return Preprocess(tuple(int(n) for n in input_hw), resize=resize, pad_value=XRAY_PAD_VALUE, color="grey",
+                      channels=3, equalize=equalize, normalize=normalize, preresize=preresize)
+
+
+def _as_triple(item) -> tuple[Path, Path, str | None]:
+    if isinstance(item, (str, Path)):
+        return image_for_csv(item), Path(item), None
+    image, csv, *rest = item
+    return Path(image), Path(csv), (rest[0] if rest else None)
+
+
+class XrayDataset(LandmarkDataset):
+    """Hip X-ray samples as the engine's dataset (the first reader's constructor, kept for scripts): items are
+    XrayRecords, CSV paths or (image, csv[, split]) tuples, validated here (skip_bad: bad ones listed in .skipped)."""
+
+    def __init__(self, items: Sequence[Any], input_hw: tuple[int, int] = (224, 224), resize: str = "letterbox",
+                 equalize: bool = True, augment: AugmentParams | None = None, sigma_px: float = 2.0,
+                 heatmap_peak: float = 255.0, heatmaps: bool = False, spacing_mm: Sequence[float] | None = None,
+                 normalize: str = "none", skip_bad: bool = False, seed: int = 0, cache_decoded: bool = False,
+                 heatmap_impl: str = "numba"):
+        for name, value, allowed in (("resize", resize, RESIZE_MODES), ("normalize", normalize, NORMALIZE_MODES)):
+            if value not in allowed:
+                raise OptionError(f"data.reader_args.{name}: '{value}' is not one of {', '.join(allowed)}")
+        skipped: list[tuple[str, str]] = []
+        recs = [it for it in items if isinstance(it, XrayRecord)]
+        recs += validate_pairs([_as_triple(it) for it in items if not isinstance(it, XrayRecord)], skip_bad, skipped)
+        if skipped:
+            log.warning("XrayDataset: skipped %d bad sample(s):\n%s", len(skipped),
+                        "\n".join(f"  {p}: {problem}" for p, problem in skipped))
+        if not recs:
+            first = items[0] if len(items) else "."
+            where = first.csv_path if isinstance(first, XrayRecord) else first if isinstance(first, (str, Path)) \
+                else first[1]
+            raise DataError(Path(where).parent, f"no usable X-ray samples ({len(skipped)} skipped)")
+        super().__init__(xray_records(recs, spacing_mm), XRAY_INFO, xray_preprocess(input_hw, resize, equalize,
+                                                                                  normalize), augment,
+                         sigma_px=sigma_px, heatmap_peak=heatmap_peak, heatmap_impl=heatmap_impl, heatmaps=heatmaps,
+                         seed=seed, cache_decoded=cache_decoded, skip_bad=skip_bad, skipped=skipped)
+
+
+def _check_options(opts: dict, data_cfg=None) -> dict:
+    if opts["resize"] not in RESIZE_MODES:
+        raise OptionError(f"data.reader_args.resize: '{opts['resize']}' is not one of {', '.join(RESIZE_MODES)}")
+    if opts["normalize"] not in NORMALIZE_MODES:
+        raise OptionError(f"data.reader_args.normalize: '{opts['normalize']}' is not one of "
+                          f"{', '.join(NORMALIZE_MODES)}")
+    for key in ("equalize", "heatmaps"):
+        if not isinstance(opts[key], bool):
+            raise OptionError(f"data.reader_args.{key}: must be true or false, got {opts[key]!r}")
+    return opts
+
+
+def _has_data(root: Path, opts: dict) -> bool:
+    return root.is_dir() and any(root.iterdir())
+
+
+def _read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
+    layout, skipped = find_xray_samples(root, skip_bad=skip_bad)
+    triples = [(img, csv, split) for split, pairs in layout.items() for img, csv in pairs]
+    recs = validate_pairs(triples, skip_bad, skipped)
+    if None not in layout:
+        for s in SPLIT_NAMES:
+            if not any(r.split == s for r in recs):
+                raise DataError(root / s, "split folder holds no usable samples")
+    return ReadResult(xray_records(recs, getattr(data_cfg, "spacing_mm", None)), XRAY_INFO, skipped, root,
+                      "folders")
+
+
+def _synthesize(root: Path, opts: dict, data_cfg) -> None:
+    from data_pipelines.synthetic.xray import generate_xray_dataset
+    log.info("generating %d phantom X-rays into %s", data_cfg.synth_n, root)
+    generate_xray_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed, image_hw=tuple(data_cfg.synth_image_hw),
+                          progress=True)
+
+
+def _predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
+    """A CSV annotation input (its image and the truth); None for a plain image."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        return None
+    return xray_records([validate_xray_pair(image_for_csv(path), path)], getattr(data_cfg, "spacing_mm", None))[0]
+
+
+XRAY_READER = Reader(
+    name="xray_csv", layout=XRAY_LAYOUT, defaults=XRAY_DEFAULTS, check_options=_check_options, has_data=_has_data,
+    describe=lambda root, opts, cfg: XRAY_INFO, read=_read,
+    preprocess=lambda opts, cfg, info: xray_preprocess(cfg.input_hw, opts["resize"], opts["equalize"],
+                                                       opts["normalize"], bool(getattr(cfg, "preresize", False))),
+    predict_record=_predict_record, annotation_suffixes=(".csv",), heatmaps=lambda opts: opts["heatmaps"],
+    synthesize=_synthesize, synthetic_info=lambda opts, cfg: XRAY_INFO,
+    # X-ray noise is additive quantum noise, not ultrasound speckle: keep the multiplicative speckle small.
+    augment_overrides={"speckle_sigma_max": 0.03})
+
+
+def build_xray_csv_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
+    """The run's X-ray data (data_pipelines/build.py with data.format = xray_csv)."""
+    from data_pipelines.build import build_data
+    return build_data(dataclasses.replace(data_cfg, format="xray_csv"), run_dir, strategy, seed)
+
+
+def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
+    """One input of `medpose predict` read as X-ray CSV data (data_pipelines/predict_input.py)."""
+    from data_pipelines.predict_input import load_for_predict as load
+    return load(path, dataclasses.replace(data_cfg, format="xray_csv"))

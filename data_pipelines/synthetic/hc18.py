@@ -1,4 +1,4 @@
-"""Synthetic fetal-head ultrasound in HC18's layout (data_pipelines/hc18.py): the embedded data of the fetal_head task.
+"""Synthetic fetal-head ultrasound in HC18's layout (data_pipelines/readers/hc18.py): the embedded data of the fetal_head task.
 
 Each image shows one ellipse "head": a bright skull ring (echo strongest where the ring is perpendicular to the beam,
 i.e. at its top and bottom), a darker brain with a midline echo along the long axis, a mottled soft-tissue
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from data_pipelines.hc18 import HC18_COLUMNS, HC18_KPT_NAMES, order_axis_points
+from data_pipelines.readers.hc18 import HC18_COLUMNS, HC18_KPT_NAMES, order_axis_points
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,10 @@ class Task(abc.ABC):
     best_metric: str = "loss"          # train.best_metric = "auto" resolves to this
     best_mode: str = "min"
     shown: tuple[str, ...] = ()        # figures printed on the validation line
+    # What the data must give (engine/fitting.py checks it before any data is made or any step is run):
+    needs_masks: bool = False          # truth masks (segmentation figures, HC from the mask ...)
+    needs_landmarks: bool = True       # landmarks (every task scores them but segmentation)
+    num_keypoints: int | None = None   # exactly this many landmarks (clinical measures built on them); None: any
 
     def headline_keys(self, figures: dict[str, float]) -> tuple[str, ...]:
         """report.json's top-level keys for these figures: `headline`, unless a key depends on the data (the

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from data_pipelines.hc18 import order_axis_points   # the README's ordering rule, one definition
+from data_pipelines.readers.hc18 import order_axis_points   # the README's ordering rule, one definition
 
 MIN_PIXELS = 20   # fewer foreground pixels than this: no ellipse (a few pixels cannot tell a shape)
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from data_pipelines.hc18 import HC18_KPT_NAMES
+from data_pipelines.readers.hc18 import HC18_KPT_NAMES
 from engine.plots import _save, image_axes
 
 from . import ellipse as ell

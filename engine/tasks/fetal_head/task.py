@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_pipelines.hc18 import HC18_KPT_NAMES
+from data_pipelines.readers.hc18 import HC18_KPT_NAMES
 
 from ..base import Task, figure_formatter, predict_originals, spread_picks
 from . import ellipse as ell
@@ -32,6 +32,7 @@ _WHERE = "engine/tasks/fetal_head/task.py"
 class FetalHeadTask(Task):
     name = "fetal_head"
     default_format = "hc18"
+    needs_masks = True                         # HC comes from the head mask
     headline = ("seg_dice", "hc_mae_mm", "landmark_mre_mm", "hc_from_landmarks_mae_mm")
     best_metric = "hc_mae_mm"
     best_mode = "min"

@@ -33,6 +33,7 @@ class _HipAccumulator(MetricAccumulator):
 class HipUltrasoundTask(Task):
     name = "hip_us"
     default_format = "labelme"
+    needs_masks, num_keypoints = True, 6        # 7 structures + the 6 Graf landmarks
     headline = ("seg_miou", "seg_dice", "landmark_mre_px", "landmark_mre_mm", "alpha_mae_deg", "beta_mae_deg",
                 "screening_accuracy")
     best_metric = "alpha_mae_deg"

@@ -53,6 +53,7 @@ def confusion_from_records(records: list[dict[str, Any]], side: str) -> np.ndarr
 class HipXrayTask(Task):
     name = "hip_xray"
     default_format = "xray_csv"
+    num_keypoints = 12                         # AI and IHDI are built on p1..p12
     headline = ("landmark_mre_px", "landmark_mre_pct_diag", "ai_mae_deg", "ai_mae_left_deg", "ai_mae_right_deg",
                 "ihdi_accuracy")
     best_metric = "landmark_mre_px"

@@ -32,6 +32,7 @@ _WHERE = "engine/tasks/segmentation/task.py"
 class SegmentationTask(Task):
     name = "segmentation"
     default_format = "hc18"
+    needs_masks, needs_landmarks = True, False
     headline = ("dice", "miou", "dice_with_bg", "miou_with_bg", "hd95_mm")
     best_metric = "miou"           # SEEDS §4: training keeps the best validation mIoU
     best_mode = "max"
