@@ -23,10 +23,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     task: str = "hip_us"
-    """Clinical task (keys of engine.tasks.TASKS): hip_us, hip_xray, spine_disc, fetal_head, segmentation. Picks the metrics,
-    figures and prediction outputs."""
+    """Task (keys of engine.tasks.TASKS): landmarks (any landmarks, any data), hip_us, hip_xray, spine_disc,
+    fetal_head, segmentation. Picks the metrics, figures and prediction outputs."""
     format: str = "auto"
-    """Dataset format (keys of data_pipelines.READERS): labelme, xray_csv, nifti, hc18, coco; auto = the task's own."""
+    """Dataset format (keys of data_pipelines.READERS): coco, table (CSV/TSV), labelme, nifti, hc18, xray_csv;
+    auto = the task's own. `medpose data inspect DIR` shows what a folder holds."""
     reader_args: dict[str, Any] = field(default_factory=dict)
     """Options of the chosen reader (e.g. xray_csv: resize, equalize; nifti: slab, first_label; coco: annotations).
     An unknown option is an error that lists the valid ones."""
@@ -75,7 +76,11 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the main process)."""
     cache_decoded: bool = True
-    """Keep decoded originals in memory (small datasets)."""
+    """Keep decoded images in memory (with preresize: the downscaled working copies, a few hundred kB each)."""
+    preresize: bool = False
+    """Decode each image once and keep an area-downscaled copy near the input scale (1.25x it): large images (1-4 Mpx)
+    then cost a small warp per sample, and the downscale is anti-aliased. Evaluation is still scored in the original
+    frame."""
     skip_bad: bool = False
     """Skip unreadable / malformed samples (counted and logged) instead of stopping with an error."""
     loader: Literal["auto", "torch", "dali"] = "auto"

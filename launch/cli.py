@@ -6,6 +6,7 @@ Multi-process training uses the same entry point under torchrun:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -60,26 +61,39 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-test", action="store_true", help="skip the held-out test report at the end")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=500 optim.lr=3e-4")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a data split and write a report",
-                       description="Evaluate a checkpoint; the config defaults to the one stored in the checkpoint.")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a data split, or on another dataset as a whole",
+                       description="Evaluate a checkpoint: report.json, per_image.jsonl, summary.txt and figures. The "
+                                   "config defaults to the one stored in the checkpoint (model, task, reader, "
+                                   "preprocessing); --data-root scores every image of another folder of the same "
+                                   "format with it (no splitting).")
     e.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     e.add_argument("--config", "-c", help="YAML run config (default: the checkpoint's own resolved config)")
-    e.add_argument("--split", default="test", choices=["test", "val", "train"])
-    e.add_argument("--out", help="output directory (default: <checkpoint dir>/../eval_<split>)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    e.add_argument("--data-root", metavar="DIR", help="another dataset folder (same data.format unless overridden); "
+                                                     "implies --split all")
+    e.add_argument("--split", choices=["test", "val", "train", "all"],
+                   help="the run's test / val / train split, or all = every sample (default: test; all with "
+                        "--data-root)")
+    e.add_argument("--out", help="output directory (default: <checkpoint dir>/../eval_<split or data folder>)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.format=table eval.flip_test=true")
 
-    p = sub.add_parser("predict", help="predict landmarks (and masks, angles, grades, HC) for input files",
-                       description="Reads each input with the checkpoint's data format (image, labelme JSON, X-ray "
-                                   "CSV, NIfTI volume), writes an overlay PNG per input and predictions.csv / "
-                                   "predictions.json: landmarks in original pixels plus the task's clinical "
-                                   "measures (hip US: alpha/beta, Graf type; hip X-ray: acetabular index, IHDI grade; "
-                                   "spine: disc positions; fetal head: HC in mm).")
+    p = sub.add_parser("predict", help="predict landmarks (and masks, angles, grades, HC) for files and folders",
+                       description="Reads each input with the checkpoint's reader and preprocessing (images of any "
+                                   "kind; labelme JSON, X-ray CSV and NIfTI inputs bring their truth, drawn too), "
+                                   "runs them in batches and writes predictions.csv / predictions.json - landmarks "
+                                   "in the original image's pixels with a confidence each, plus the task's clinical "
+                                   "measures (hip US: alpha/beta, Graf type; hip X-ray: acetabular index, IHDI "
+                                   "grade; spine: disc positions; fetal head: HC in mm) - and an overlay PNG per "
+                                   "input.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", help="input files in the checkpoint's data format (images, labelme JSON, "
-                                             "X-ray CSV annotations, NIfTI volumes)")
+    p.add_argument("inputs", nargs="+", help="image files, annotation files of the checkpoint's format, folders "
+                                             "(searched recursively) or quoted glob patterns ('scans/*.png')")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default 8)")
+    p.add_argument("--overlays", type=int, default=None, metavar="N",
+                   help="draw at most N overlay PNGs (default: one per input; 0: none)")
+    p.add_argument("--skip-bad", action="store_true", help="log and list inputs that do not read instead of stopping")
 
-    d = sub.add_parser("data", help="dataset utilities: synthetic sets for every task, conversion to COCO")
+    d = sub.add_parser("data", help="dataset utilities: inspect a folder, synthetic sets, conversion to COCO")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="WHAT")
     s = dsub.add_parser("synth-hip", help="synthetic hip-ultrasound phantom (labelme JSON + PNG)")
     s.add_argument("--type2-ratio", type=float, default=0.35, help="fraction of Graf type II hips")
@@ -88,10 +102,30 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--splits", action="store_true", help="write train/val/test folders (70/15/15) instead of one")
     dsub.add_parser("synth-spine", help="synthetic sagittal spine MRI volumes (NIfTI) with disc point labels")
     dsub.add_parser("synth-hc18", help="synthetic fetal-head ultrasound in the HC18 layout")
-    for q, n in ((s, 240), (x, 200), (dsub.choices["synth-spine"], 60), (dsub.choices["synth-hc18"], 200)):
+    g = dsub.add_parser("synth-ceph", help="synthetic lateral cephalograms: 19 landmarks, 0.1 mm/px, ~1200x1000",
+                        description="A skull-in-profile phantom with the 19 landmarks of the public cephalometric "
+                                    "benchmarks, written as COCO keypoints, a landmark table or labelme files; "
+                                    "train on it with --config landmarks data.format=<layout> data.root=OUT.")
+    g.add_argument("--layout", default="coco", choices=["coco", "table", "labelme"])
+    g.add_argument("--size", default="1200x1000", help="image H x W (default 1200x1000)")
+    g.add_argument("--landmarks", type=int, default=19, help="the first K of the 19 landmarks (default 19)")
+    g.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg"])
+    for q, n in ((s, 240), (x, 200), (dsub.choices["synth-spine"], 60), (dsub.choices["synth-hc18"], 200), (g, 900)):
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("-n", type=int, default=n, help=f"number of images / subjects (default {n})")
         q.add_argument("--seed", type=int, default=0)
+    i = dsub.add_parser("inspect", help="what a dataset folder holds, read as training would read it",
+                        description="Counts, image sizes, channels, spacings, landmark names and how often each is "
+                                    "labelled, mask classes, bad files and points outside their image (every file "
+                                    "is read, bad ones counted), duplicate ids and identical image files; writes "
+                                    "inspect.json and a sheet of images with their landmarks (sheet.png).")
+    i.add_argument("root", help="the dataset folder")
+    i.add_argument("--format", help="reader (default: detected from the folder): coco, table, labelme, hc18, "
+                                    "xray_csv, nifti")
+    i.add_argument("--out", help="where inspect.json and sheet.png go (default: runs/inspect_<folder name>)")
+    i.add_argument("--sheet", type=int, default=12, help="images on the sheet (default 12, 0: none)")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data.* settings, e.g. "
+                                                                     "\"data.reader_args={table: points.csv}\"")
     c = dsub.add_parser("to-coco", help="write a run config's dataset split as a COCO-keypoints JSON (+ images)",
                         description="Reads the dataset of --config with its own reader and writes COCO keypoints "
                                     "(the exchange format of pose tools); train on it with data.format=coco.")
@@ -132,26 +166,51 @@ def _cmd_eval(args) -> int:
     from engine.config import load_config
     from engine.run import evaluate_checkpoint
     ckpt_path = Path(args.checkpoint)
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides = [f"data.root={args.data_root}", "data.synthetic=false", *overrides]
+    split = args.split or ("all" if args.data_root else "test")
     if args.config:
-        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        cfg = load_config(resolve_config_path(args.config), overrides)
     else:
         client = load_checkpoint_file(ckpt_path).get("client", {})
         if "config" not in client:
             raise SystemExit(f"medpose eval: {ckpt_path} carries no config; pass --config")
-        cfg = load_config(None, args.overrides, base=client["config"])
-    out = Path(args.out) if args.out else ckpt_path.resolve().parent.parent / f"eval_{args.split}"
-    evaluate_checkpoint(cfg, ckpt_path, out, split=args.split)
+        cfg = load_config(None, overrides, base=client["config"])
+    name = f"eval_{Path(args.data_root).resolve().name}" if args.data_root else f"eval_{split}"
+    out = Path(args.out) if args.out else ckpt_path.resolve().parent.parent / name
+    report = evaluate_checkpoint(cfg, ckpt_path, out, split=split)
+    if report is not None:
+        print(f"report: {out / 'report.json'}")
     return 0
 
 
 def _cmd_predict(args) -> int:
     from engine.predict import predict_files
-    rows = predict_files(args.checkpoint, [Path(p) for p in args.inputs], Path(args.out))
+    if args.batch_size < 1:
+        raise SystemExit("medpose predict: --batch-size must be >= 1")
+    rows = predict_files(args.checkpoint, list(args.inputs), Path(args.out), batch_size=args.batch_size,
+                         overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
     print(f"wrote {len(rows)} predictions to {Path(args.out) / 'predictions.csv'}")
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from data_pipelines.inspect import detect_format, format_report, inspect_dataset
+    from engine.config import load_config
+    cfg = load_config(None, [f"data.root={args.root}", "data.synthetic=false", *args.overrides])
+    fmt = args.format or detect_format(Path(args.root), cfg.data.reader_args)
+    data_cfg = dataclasses.replace(cfg.data, format=fmt)
+    out = Path(args.out) if args.out else Path(cfg.log.runs_root) / f"inspect_{Path(args.root).resolve().name}"
+    report = inspect_dataset(data_cfg, out, sheet=args.sheet)
+    print(format_report(report))
+    print(f"  report: {out / 'inspect.json'}")
+    return 0
+
+
 def _cmd_data(args) -> int:
+    if args.data_command == "inspect":
+        return _cmd_inspect(args)
     out = Path(args.out)
     if args.data_command == "synth-hip":
         from data_pipelines.synthetic.hip import generate_hip_dataset
@@ -168,6 +227,15 @@ def _cmd_data(args) -> int:
         from data_pipelines.synthetic.hc18 import generate_hc18_dataset
         generate_hc18_dataset(out, args.n, seed=args.seed, progress=True)
         paths = sorted((out / "images").glob("*.png"))
+    elif args.data_command == "synth-ceph":
+        from data_pipelines.synthetic.ceph import generate_ceph_dataset
+        try:
+            hw = tuple(int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"medpose data synth-ceph: --size must look like 1200x1000, got {args.size!r}") from None
+        generate_ceph_dataset(out, args.n, seed=args.seed, image_hw=hw, num_landmarks=args.landmarks,
+                              layout=args.layout, image_format=args.image_format, progress=True)
+        paths = range(args.n)
     else:
         return _to_coco(args)
     print(f"wrote {len(paths)} samples to {out}")
