@@ -66,6 +66,10 @@ def grouped_splits(ids: Sequence[str], strata: Sequence[Hashable | None], groups
     sub = [(i, s, g) for i, s, g in zip(ids, strata, groups) if i in keep]
     if num_folds < 2:
         raise OptionError(f"data.num_folds: need at least 2 folds, got {num_folds}")
+    n_groups = len({s[2] for s in sub})
+    if n_groups < num_folds:
+        raise OptionError(f"data.num_folds: {n_groups} patients remain after the test hold-out, too few for "
+                          f"{num_folds} folds; lower data.num_folds (or give splits in the data)")
     folds = stratified_group_kfold([s[0] for s in sub], [s[1] for s in sub], [s[2] for s in sub], k=num_folds,
                                    seed=seed)
     train, val = folds[fold]

@@ -80,8 +80,9 @@ def load_for_predict(path: str | Path, data_cfg, info: DataInfo | None = None, p
 
 
 def expand_inputs(inputs: Sequence[str | Path], suffixes: Iterable[str] = ()) -> list[Path]:
-    """Files, folders (their images and annotation files of `suffixes`, sorted, not recursing into hidden folders)
-    and glob patterns -> input files, in order, each once. Nothing found for an argument is an error naming it."""
+    """Files, folders (their images and annotation files of `suffixes`, sorted, not recursing into hidden folders;
+    an image whose annotation file lies beside it is read through the annotation, which brings the truth) and glob
+    patterns -> input files, in order, each once. Nothing found for an argument is an error naming it."""
     wanted = tuple(s.lower() for s in (*IMAGE_SUFFIXES, *suffixes))
     out: list[Path] = []
     for arg in map(str, inputs):
@@ -91,6 +92,8 @@ def expand_inputs(inputs: Sequence[str | Path], suffixes: Iterable[str] = ()) ->
             found = sorted(p for p in Path(arg).rglob("*") if p.is_file() and p.name.lower().endswith(wanted)
                            and not any(part.startswith(".") for part in p.relative_to(arg).parts)
                            and p.name != "dataset.json")
+            annotated = {(p.parent, p.name[:-len(s)]) for p in found for s in suffixes if p.name.lower().endswith(s)}
+            found = [p for p in found if not (p.suffix.lower() in IMAGE_SUFFIXES and (p.parent, p.stem) in annotated)]
         else:
             found = [Path(arg)]
         if not found:

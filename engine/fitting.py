@@ -104,12 +104,12 @@ def check_fit(cfg: Config, task, info: DataInfo) -> None:
     if want_k is not None and info.num_keypoints != want_k:
         raise ConfigError(f"data.task={task.name} needs exactly {want_k} landmarks (its clinical measures are built "
                           f"on them), but {where} has {_describe(info, 'num_keypoints')}; use data.task=landmarks")
+    builder = _params(MODELS[cfg.model.name])
+    if getattr(task, "needs_landmarks", True) and "num_keypoints" not in builder:
+        raise ConfigError(f"model.name={cfg.model.name} predicts no landmarks, but data.task={task.name} scores "
+                          f"landmarks; choose a landmark model or data.task=segmentation")
     crit = CRITERIA[cfg.model.criterion or cfg.model.name]
     if getattr(crit, "requires_masks", False) and not info.class_names:
         raise ConfigError(f"model.name={cfg.model.name} trains a segmentation head (loss "
                           f"{cfg.model.criterion or cfg.model.name}), but {where} gives no masks; choose a "
                           f"landmark-only model (e.g. landmark_unet, landmark_hrnet, hourglass, efficientnet_heatmap)")
-    builder = _params(MODELS[cfg.model.name])
-    if getattr(task, "needs_landmarks", True) and "num_keypoints" not in builder:
-        raise ConfigError(f"model.name={cfg.model.name} predicts no landmarks, but data.task={task.name} scores "
-                          f"landmarks; choose a landmark model or data.task=segmentation")

@@ -310,14 +310,25 @@ def oversample(opts: dict, data_cfg) -> dict | None:
     return {"II": factor} if factor > 1 else None
 
 
+_PREDICT_LABELS: dict[tuple[str, str], LabelSet] = {}
+
+
+def _predict_labels(root: Path, opts: dict, path: Path) -> LabelSet:
+    """The run's label set for predict inputs, discovered once per root and option set (a folder of inputs would
+    otherwise re-scan the training folder per file)."""
+    key = (str(root.resolve()), repr(opts["labels"]))
+    if key not in _PREDICT_LABELS:
+        files = find_labelme_files(root) if root.is_dir() else []
+        _PREDICT_LABELS[key] = resolve_labels(opts, files or [path])[0]
+    return _PREDICT_LABELS[key]
+
+
 def predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
     """A labelme JSON input (its image and truth); None for a plain image."""
     path = Path(path)
     if path.suffix.lower() != ".json":
         return None
-    root = Path(data_cfg.root)
-    files = find_labelme_files(root) if root.is_dir() else [path]
-    labels, _ = resolve_labels(opts, files or [path])
+    labels = _predict_labels(Path(data_cfg.root), opts, path)
     meta = _file_meta(path, {}, labels, _spacing(opts, data_cfg))
     if meta["spacing"] is None and labels.hip:
         meta["spacing"] = np.asarray(HIP_DEFAULT_SPACING_MM, dtype=np.float64)
