@@ -297,7 +297,7 @@ def test_trainer_checkpoints_publish_and_load_for_inference(trained):
     # each shard folder belongs to a published checkpoint file (keep_last=2 plus best.pt)
     owners = sorted(d.name.rsplit("-", 1)[0] for d in (ckpts / "deepspeed").iterdir() if d.is_dir())
     assert owners == ["best", "ckpt_step00000002", "ckpt_step00000004"]
-    model, cfg, _ = load_for_inference(ckpts / "best.pt")  # what `medpose predict` / export use
+    model, cfg, _, _ = load_for_inference(ckpts / "best.pt")  # what `medpose predict` / export use
     assert cfg.dist.strategy == "deepspeed"
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, final["model"][name], rtol=0, atol=0, msg=name)
