@@ -21,8 +21,9 @@ needs. Encoder level l works at stride 2^l with c_l = width * 2^l channels (l = 
       conv to c_l; head Conv1x1 (c_log2(s) -> K), then up to the input size.
   Multiply-adds per input pixel, in units of width^2 (plain, depth 5): 256 at s = 1, 216 at s = 2, 175 at s = 4 (a
   decoder level costs 36 at any depth, as channels double where the area quarters; an encoder level 13.5). Time on a
-  CPU falls much further (2.3x at s = 2, 3x at s = 4 for forward + backward) because full-resolution layers are
-  bound by memory traffic, not arithmetic: the stride is what makes large inputs affordable.
+  CPU falls further (forward + backward, width 16, 2 cores: 1.5x at s = 2 and 2.1x at s = 4 at 320x256, 2.0x and
+  2.9x at 512x416) because full-resolution layers are bound by memory traffic more than by arithmetic: the stride
+  is what makes large inputs affordable.
   Parameters (plain, with a norm): double conv a -> b: 9ab + 9b^2 + 4b; stride-2 conv a -> b: 16ab + 2b; head
   c K + K (norm "none": biases instead, 2b and b). tests/test_landmark_nets.py checks the total.
 
@@ -277,10 +278,11 @@ def _check_unet_args(width: int, depth: int, norm: str, heatmap_stride: int, enc
 
 
 def build_landmark_unet(num_keypoints: int = 19, in_channels: int = 3, width: int = 16, depth: int = 5,
-                        norm: str = "bn", heatmap_stride: int = 2, encoder: str = "plain",
+                        norm: str = "gn", heatmap_stride: int = 2, encoder: str = "plain",
                         weights: str | None = None, heatmap_peak: float = 255.0) -> LandmarkUNet:
     """Heatmap-only UNet for K = num_keypoints landmarks (module docstring). Input H, W divisible by 2^depth.
-    norm: "bn" (default: the fastest on a CPU), "gn" (batch-size independent), "none". encoder: "plain" or
+    norm: "gn" (default: batch-size independent, which matters at the few images per step that large inputs allow;
+    as fast as "bn" on a CPU), "bn", "none" (for the decoder only with an smp encoder). encoder: "plain" or
     "smp:<name>" (depth must then be 5). weights: local state_dict of the encoder. heatmap_peak: data.heatmap_peak."""
     _check_common(num_keypoints, in_channels, heatmap_peak)
     _check_unet_args(width, depth, norm, heatmap_stride, encoder)
