@@ -3,7 +3,7 @@
 The data's DataInfo (data_pipelines.describe_data: landmark names, mask classes, image channels; read from the
 annotations' headers, or from what a generator would write) fills the model's `num_keypoints`, `in_channels`,
 `num_classes` and `input_hw` arguments - and the loss's `num_classes` - wherever the builder takes them and the run
-config leaves them out or says "auto". A value the config fixes must agree with the data; every disagreement is a
+config leaves them out or says "auto"; a builder's `heatmap_peak` follows data.heatmap_peak unless set. A value the config fixes must agree with the data; every disagreement is a
 ConfigError naming the config field, the data's value and what to do. The filled-in values go into the resolved
 config (config.yaml and every checkpoint), so `eval` and `predict` rebuild the same network from the checkpoint alone.
 
@@ -63,6 +63,8 @@ def _fill(args: dict[str, Any], params: dict, section: str, cfg: Config, info: D
         elif not isinstance(given, int) or isinstance(given, bool) or given != value:
             raise ConfigError(f"{section}.{key}: {given!r}, but the data ({_where(cfg)}) has {_describe(info, key)}; "
                               f"leave {section}.{key} out (or auto) and it follows the data")
+    if "heatmap_peak" in params and "heatmap_peak" not in out:     # the model's heatmaps peak where the targets do
+        out["heatmap_peak"] = float(cfg.data.heatmap_peak)
     if "input_hw" in params:
         given = out.get("input_hw", "auto")
         data_hw = [int(n) for n in cfg.data.input_hw]

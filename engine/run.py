@@ -327,7 +327,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
 def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
     return evaluate_dataset(model, data[split], strategy, task.decoder(cfg), task.accumulator(cfg, data), criterion,
                             cfg.train.batch_size, num_workers=cfg.eval.num_workers, gather_records=gather_records,
-                            loader_kind=cfg.data.loader, dali_threads=cfg.data.dali_threads)
+                            loader_kind=cfg.data.loader, dali_threads=cfg.data.dali_threads,
+                            flip_test=cfg.eval.flip_test)
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | None = None):

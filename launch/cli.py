@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Reads the dataset of --config with its own reader and writes COCO keypoints "
                                     "(the exchange format of pose tools); train on it with data.format=coco.")
     c.add_argument("--config", "-c", required=True, help="YAML file or bundled config name")
-    c.add_argument("--split", default="train", choices=["train", "val", "test"])
+    c.add_argument("--split", default="train", choices=["train", "val", "test", "all"],
+                   help="which split of the run's splits, or all = every sample (default: train)")
     c.add_argument("--out", required=True, help="output folder (annotations.json + images/)")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -253,7 +254,7 @@ def _to_coco(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     single = types.SimpleNamespace(info=types.SimpleNamespace(is_main=True, rank=0, world_size=1),
                                    barrier=lambda: None)
-    data = build_data(cfg, out, single)
+    data = build_data(cfg, out, single, split="all" if args.split == "all" else "runs")
     path = dataset_to_coco(data[args.split], out / "annotations.json", out / "images", category_name=cfg.data.task)
     print(f"wrote {len(data[args.split])} samples of the {args.split} split to {path}")
     return 0

@@ -157,6 +157,10 @@ EVERY_MODEL = {
                                       "model.criterion_args={sigma_px: 2.0, heatmap_peak: 1.0}", "data.sigma_px=2.0",
                                       "model.decode=softargmax"]),
     "hourglass": ("spine", ["model.args={num_stacks: 1, num_features: 32, in_channels: 1}"]),
+    "landmark_unet": ("xray", ["model.args={width: 4, depth: 3, heatmap_stride: 2}", "model.criterion_args={}",
+                               "data.reader_args={heatmaps: true}",
+                               "data.sigma_px=2.0"]),
+    "landmark_hrnet": ("spine", ["model.args={backbone: hrnet_w18_small, head_channels: 8}", "data.input_hw=[64, 32]"]),
     "unet_multitask": ("hc18", []),
     "multihipposenet": ("hc18", ["model.name=multihipposenet", "model.args={num_classes: 2, num_keypoints: 4, "
                                  "expert_depth: 18, width: 8, num_experts: 2, gn_groups: 4, decoder_norm: gn}"]),
