@@ -97,3 +97,15 @@ def test_a_crash_in_evaluation_leaves_the_checkpoint_of_that_step(tmp_path, k5, 
     ckpt = load_checkpoint_file(latest)
     assert ckpt["client"]["step"] == 2 and ckpt["client"]["data"]["info"]["kpt_names"][0] == "sella"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_bundled_config_fits_its_data_and_builds(name, tmp_path):
+    """Each launch/configs/*.yaml, on the data its reader would generate (nothing is generated here): task, model
+    and data fit, and the model builds with the filled-in arguments."""
+    from engine.run import build_model
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", [f"data.root={tmp_path / 'none'}", "data.synthetic=true"])
+    cfg, task, info = prepare(cfg)
+    model = build_model(cfg)
+    assert cfg.model.args.get("num_keypoints", info.num_keypoints) == info.num_keypoints
+    assert sum(p.numel() for p in model.parameters()) > 0 and not (tmp_path / "none").exists()

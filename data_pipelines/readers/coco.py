@@ -1,12 +1,13 @@
-"""COCO keypoints files (the exchange format of pose tools): the reader (read_coco and its validation) and CocoDataset.
+"""COCO keypoints files (the exchange format of pose tools): the parser (read_coco and its validation), its Records,
+the reader (data.format = coco: options, describe / read / predict_record) and CocoDataset for scripts.
 
-The run-level data builder (build_coco_data, load_for_predict, reader options) is data_pipelines/coco_data.py; the
-exporter (export_coco, dataset_to_coco) is data_pipelines/readers/coco_export.py. Both import from here, never the reverse.
+The exporter (export_coco, dataset_to_coco) is data_pipelines/readers/coco_export.py; it imports from here, never
+the reverse.
 
 A COCO file holds "images" [{id, file_name, width, height, optional spacing_mm [sx, sy], patient_id, split}],
 "annotations" [{id, image_id, category_id, keypoints [x1, y1, v1, ...], num_keypoints, optional bbox,
 segmentation, iscrowd}] and "categories" [{id, name, keypoints [names], skeleton [[a, b], ...] (1-based)}].
-One category is read (reader_args `category`; options and defaults: coco_data.DEFAULTS); K = its number of
+One category is read (reader_args `category`; options and defaults: DEFAULTS below); K = its number of
 keypoint names.
 
 Visibility: v = 0 -> not labelled (visible False, coordinates 0); v = 1 (labelled, occluded) and v = 2 (labelled,

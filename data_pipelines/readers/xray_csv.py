@@ -373,7 +373,9 @@ def _check_options(opts: dict, data_cfg=None) -> dict:
 
 
 def _has_data(root: Path, opts: dict) -> bool:
-    return root.is_dir() and any(root.iterdir())
+    """The published split folders, or images/ + annotations/ side by side."""
+    return any((root / s).is_dir() for s in SPLIT_NAMES) or ((root / "images").is_dir()
+                                                              and (root / "annotations").is_dir())
 
 
 def _read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:

@@ -32,7 +32,7 @@ _PLAN_STREAM = 2_000_003
 
 
 def ramanujan_perimeter(a: float, b: float) -> float:
-    """pi (a + b) (1 + 3h / (10 + sqrt(4 - 3h))), h = ((a - b) / (a + b))^2 (engine/ellipse.py holds the same)."""
+    """pi (a + b) (1 + 3h / (10 + sqrt(4 - 3h))), h = ((a - b) / (a + b))^2 (engine/tasks/fetal_head/ellipse.py holds the same)."""
     h = ((a - b) / (a + b)) ** 2
     return math.pi * (a + b) * (1.0 + 3.0 * h / (10.0 + math.sqrt(4.0 - 3.0 * h)))
 
