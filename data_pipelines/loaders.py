@@ -53,8 +53,8 @@ def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kin
                           worker_init_fn=worker_init_fn, persistent_workers=False)
     if kind == "dali":
         if not dali_supports(dataset):
-            raise ValueError(f"data.loader=dali: the {type(dataset).__name__} reader has no DALI path yet (the "
-                             f"labelme hip, X-ray CSV and HC18 readers have); use data.loader=torch")
+            raise ValueError(f"data.loader=dali: the {type(dataset).__name__} reader has no DALI path (every "
+                             f"reader's dataset has, but NIfTI's z-scored slabs); use data.loader=torch")
         from data_pipelines.dali.pipeline import DaliBatches
         # One DALI loader per dataset and setting, kept across epochs (the engine asks for a loader every epoch):
         # its pipeline, decode choice and annotation cache are built once; the sampler is this call's.

@@ -85,8 +85,8 @@ class DataConfig:
     """Skip unreadable / malformed samples (counted and logged) instead of stopping with an error."""
     loader: Literal["auto", "torch", "dali"] = "auto"
     """Batch source: torch (DataLoader workers), dali (NVIDIA DALI decodes, augments and warps image, mask and
-    landmarks, on the rank's GPU - device_id = local rank - or CPU-only without one; readers labelme, xray_csv,
-    hc18; needs nvidia-dali-cuda130 and data.targets=device or auto), or auto = dali when training on CUDA with
+    landmarks, on the rank's GPU - device_id = local rank - or CPU-only without one; every reader but nifti;
+    needs nvidia-dali-cuda130 and data.targets=device or auto), or auto = dali when training on CUDA with
     DALI installed and a reader that has a DALI path, else torch. Resolved and saved with the run's config."""
     dali_threads: int = 0
     """CPU threads of each rank's DALI pipeline (0: the cores this process may use, at most 8)."""
