@@ -9,7 +9,7 @@ Rows:
   ceph, CPU config     launch/configs/landmarks.yaml as shipped (the 30-minute CPU budget: data decode, training and
                        the test report, timed from the start of `medpose train`), decoded three ways from the same
                        checkpoint: integer argmax, soft-argmax, DARK (the shipped default, sub-pixel Taylor step);
-  heatmap stride       the same recipe with the head at stride 1 / 2 / 4, a shorter equal budget each;
+  heatmap stride       landmark_unet (width 16) with its head at stride 4 / 2 / 1, a shorter equal budget each;
   flip test            trained with flips (flip_p 0.5), evaluated without and with flip-test averaging;
   HC18 axis landmarks  the real subset as COCO (`medpose data to-coco --split all`), the CPU config, plain and
                        with the flip test (the long-axis ends swap on a flip: reader_args.flip_pairs).
@@ -93,10 +93,11 @@ def run_all(args) -> dict:
     rows["ceph: CPU config, DARK (shipped)"] = _figures(main_run / "report.json")
     rows["ceph: CPU config, integer argmax"] = evaluate(main_run, "argmax", "model.decode=argmax")
     rows["ceph: CPU config, soft-argmax"] = evaluate(main_run, "softargmax", "model.decode=softargmax")
-    for stride in (4, 2, 1):
-        run = out / f"ceph_stride{stride}"
-        times[run.name] = train(data, "coco", run, *ablation, f"model.args.heatmap_stride={stride}")
-        rows[f"ceph: heatmap stride {stride}, {'quick' if quick else args.ablation_steps} steps"] = \
+    for stride in (4, 2, 1):                # the same UNet with its head at stride 4 / 2 / 1, equal budgets
+        run = out / f"ceph_unet_stride{stride}"
+        unet = ["model.name=landmark_unet", f"model.args={{width: 16, depth: 5, heatmap_stride: {stride}}}"]
+        times[run.name] = train(data, "coco", run, *ablation, *unet)
+        rows[f"ceph: landmark_unet, heatmap stride {stride}, {'quick' if quick else args.ablation_steps} steps"] = \
             _figures(run / "report.json")
     run = out / "ceph_flips"
     times[run.name] = train(data, "coco", run, *ablation, "data.flip_p=0.5")
@@ -137,7 +138,7 @@ def cli(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (data, runs, landmark_accuracy.json)")
     ap.add_argument("--n", type=int, default=900, help="synthetic cephalograms (default 900)")
-    ap.add_argument("--ablation-steps", type=int, default=400, help="training steps of each ablation run")
+    ap.add_argument("--ablation-steps", type=int, default=300, help="training steps of each ablation run")
     ap.add_argument("--hc18", default=str(ROOT.parent / "shared" / "data" / "hc18"), help="the HC18 subset")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the recipe")
     run_all(ap.parse_args(argv))

@@ -15,7 +15,7 @@ from engine.config import load_config
 from launch.cli import main
 
 FAST = ["data.input_hw=[64,64]", "data.num_workers=0", "data.num_folds=2", "train.max_steps=4", "train.batch_size=2",
-        "train.eval_every=2", "train.ckpt_every=2", "train.log_every=1", "model.args.width=4", "model.args.depth=3",
+        "train.eval_every=2", "train.ckpt_every=2", "train.log_every=1", "model.args.head_channels=8",
         "log.tensorboard=false", "log.progress=false", "log.overlays=1", "optim.warmup_steps=0"]
 
 

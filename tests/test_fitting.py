@@ -12,7 +12,7 @@ from engine.run import prepare, train
 from launch.cli import CONFIG_DIR
 
 FAST = ["data.input_hw=[64,64]", "data.num_workers=0", "data.num_folds=2", "train.max_steps=4", "train.batch_size=2",
-        "train.log_every=1", "model.args.width=4", "model.args.depth=3", "log.tensorboard=false",
+        "train.log_every=1", "model.args.head_channels=8", "log.tensorboard=false",
         "log.progress=false", "log.overlays=0", "optim.warmup_steps=0"]
 
 
@@ -39,7 +39,7 @@ def _cfg(root, run, *extra):
     (["model.name=efficientnet_heatmap", "model.args={backbone: 'timm:test_efficientnet', input_hw: [96, 96]}"],
      r"model.args.input_hw: \[96, 96\], but data.input_hw is \[64, 64\]"),
     (["model.name=landmark_net"], r"model.name: unknown model 'landmark_net'"),
-    (["model.args.widht=8"], r"model.args: unknown key 'widht' for model 'landmark_unet'"),
+    (["model.args.widht=8"], r"model.args: unknown key 'widht' for model 'landmark_hrnet'"),
 ])
 def test_mismatches_are_named_before_anything_runs(tmp_path, k5, extra, message):
     run = tmp_path / "run"
