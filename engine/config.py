@@ -139,7 +139,7 @@ class OptimConfig:
     step_gamma: float = 0.1
     """Multiplier of the `step` schedule."""
     poly_power: float = 0.9
-    """Exponent of the `poly` schedule (0.9 as in the segmentation zoo, SEEDS.md §4)."""
+    """Exponent of the `poly` schedule (0.9 as in the segmentation zoo)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = no clipping; the norm is still logged)."""
 
@@ -274,7 +274,7 @@ class LogConfig:
 
 @dataclass
 class PretrainConfig:
-    """`medpose pretrain`: contrastive self-supervised pre-training (InfoNCE against a memory bank, SEEDS.md §4)."""
+    """`medpose pretrain`: contrastive self-supervised pre-training (InfoNCE against a memory bank)."""
     layer: str = "auto"
     """Module (dotted name) whose output feeds the projection; auto = the top-level block with the smallest output."""
     bank_size: int = 1024

@@ -15,6 +15,13 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 EPILOG = """examples:
   medpose demo                                     train + evaluate MultiHipPoseNet on the synthetic phantom
+  medpose data inspect my_data/                    what a dataset folder holds (names, sizes, spacings, problems, sheet)
+  medpose train --config landmarks data.format=coco data.root=my_data/ log.name=mine
+                                                   your landmarks: any K, names and channels taken from the data
+  medpose train --config landmarks data.format=table data.root=my_hands/ "data.reader_args={table: points.csv}"
+  medpose eval --checkpoint runs/mine/checkpoints/best.pt --data-root other_site/   score another dataset as a whole
+  medpose predict --checkpoint runs/mine/checkpoints/best.pt other_site/images/ --out preds/   folders, globs, files
+  medpose data synth-ceph --out data/ceph -n 900   19-landmark synthetic cephalograms (COCO / table / labelme)
   medpose train --config hip_demo train.max_steps=200 optim.lr=3e-4
   medpose train --config hip_demo --resume auto    continue the run in log.run_dir from its latest checkpoint
   torchrun --nproc_per_node=2 -m launch.cli train --config hip_demo   (DDP, gloo on CPU / nccl on GPU)
@@ -142,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="InfoNCE against a memory bank (pretrain.bank_size keys, pretrain.dim-d, "
                                    "temperature pretrain.temperature) on two augmented views of the training "
                                    "images, features from pretrain.layer; writes OUT/encoder.pt for fine-tuning "
-                                   "with model.init_from=OUT/encoder.pt (SEEDS.md section 4).")
+                                   "with model.init_from=OUT/encoder.pt.")
     r.add_argument("--config", "-c", default="seg_zoo", help="YAML file or bundled config name (default: seg_zoo)")
     r.add_argument("--out", help="output folder (default: runs/pretrain_<log.name>)")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. pretrain.steps=500 model.name=unet")

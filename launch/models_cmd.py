@@ -27,12 +27,14 @@ def _build(name: str, args: dict[str, Any], device: str | torch.device = "cpu") 
 
 # what the landmark networks are (the zoo's entries carry their paper in SegSpec)
 LANDMARK_REFS = {
-    "multihipposenet": "MultiHipPoseNet (SEEDS §1): ME-GCT experts + MT-GALM graph layer, hip ultrasound",
-    "hourglass": "stacked hourglass + multi-level attention (SEEDS §3), spine disc labelling",
-    "efficientnet": "EfficientNet keypoint regressor (SEEDS §2), hip X-ray",
-    "efficientnet_cbam": "EfficientNet + CBAM on the last stage (SEEDS §2)",
-    "efficientnet_ms_cbam_3scales": "EfficientNet + CBAM on 3 scales (SEEDS §2, published)",
-    "efficientnet_heatmap": "EfficientNet + FPN-style heatmap head (SEEDS §2 variant)",
+    "landmark_unet": "heatmap UNet for any landmarks, head at stride 1/2/4 (plain or smp encoder)",
+    "landmark_hrnet": "HRNet (timm) + fused stride-4 heatmap head, any landmarks (HRNetV2-style)",
+    "multihipposenet": "MultiHipPoseNet: ME-GCT experts + MT-GALM graph layer, hip ultrasound seg + 6 landmarks",
+    "hourglass": "stacked hourglass + multi-level attention, spine disc labelling",
+    "efficientnet": "EfficientNet keypoint regressor, hip X-ray (12 landmarks)",
+    "efficientnet_cbam": "EfficientNet + CBAM on the last stage, hip X-ray",
+    "efficientnet_ms_cbam_3scales": "EfficientNet + CBAM on 3 scales, hip X-ray (published)",
+    "efficientnet_heatmap": "EfficientNet + FPN-style heatmap head",
     "unet_multitask": "small UNet, segmentation + landmark heatmaps (Ronneberger et al. 2015)",
 }
 
