@@ -76,22 +76,35 @@ def _scale_16bit(img: Image.Image) -> np.ndarray:
     return np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def _decode_rgb_pil(source, hw, referenced_by) -> np.ndarray:
-    """uint8 (H, W, 3); grey and 16-bit images become 8-bit grey replicated to 3 channels."""
+def _decode_pil(source, hw, referenced_by, convert) -> np.ndarray:
+    """convert(PIL image with its pixels loaded) -> array, with the size check and every failure named."""
     name = source_name(source, referenced_by)
     with open_image(source, referenced_by) as img:
         check_hw((img.height, img.width), hw, name, str(referenced_by))
         try:
             img.load()
-            if img.mode in _SIXTEEN_BIT:
-                grey = _scale_16bit(img)
-            elif img.mode == "L":
-                grey = np.asarray(img, dtype=np.uint8)
-            else:
-                return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+            return convert(img)
         except Exception as exc:
             raise DataError(name, f"image does not decode ({type(exc).__name__}: {exc}){_suffix(referenced_by)}")
-    return grey_to_rgb(grey)
+
+
+def _rgb_of(img: Image.Image) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT:
+        return grey_to_rgb(_scale_16bit(img))
+    if img.mode == "L":
+        return grey_to_rgb(np.asarray(img, dtype=np.uint8))
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def _grey_of(img: Image.Image) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT:
+        return _scale_16bit(img)
+    return np.ascontiguousarray(np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8))
+
+
+def _decode_rgb_pil(source, hw, referenced_by) -> np.ndarray:
+    """uint8 (H, W, 3); grey and 16-bit images become 8-bit grey replicated to 3 channels."""
+    return _decode_pil(source, hw, referenced_by, _rgb_of)
 
 
 def grey_to_rgb(grey_HW: np.ndarray) -> np.ndarray:
@@ -169,16 +182,7 @@ def decode_rgb(source: str | Path | bytes, hw: tuple[int, int] | None = None, re
 def decode_grey(source: str | Path | bytes, hw: tuple[int, int] | None = None,
                 referenced_by: str | Path | None = None) -> np.ndarray:
     """uint8 (H, W): 8-bit grey as is, 16-bit scaled by 255/65535, colour to luma (PIL 'L', ITU-R 601-2)."""
-    name = source_name(source, referenced_by)
-    with open_image(source, referenced_by) as img:
-        check_hw((img.height, img.width), hw, name, str(referenced_by))
-        try:
-            img.load()
-            if img.mode in _SIXTEEN_BIT:
-                return _scale_16bit(img)
-            return np.ascontiguousarray(np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8))
-        except Exception as exc:
-            raise DataError(name, f"image does not decode ({type(exc).__name__}: {exc}){_suffix(referenced_by)}")
+    return _decode_pil(source, hw, referenced_by, _grey_of)
 
 
 def is_grey_rgb(rgb_HW3: np.ndarray) -> bool:
