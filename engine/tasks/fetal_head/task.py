@@ -1,15 +1,8 @@
 """Fetal head circumference (HC18, van den Heuvel et al. 2018): head segmentation, 4 axis landmarks, HC in mm.
 
-Per image, in the original frame (engine/tasks/base.py):
-- seg_dice: foreground (head) Dice 2|P & T| / (|P| + |T|), skipped where both are empty;
-- HC from the mask: the predicted mask's ellipse (engine/tasks/fetal_head/ellipse.py, second-moment fit of the largest component)
-  -> Ramanujan perimeter x pixel size, against the reference orig["hc_mm"] (HC18's official value; the truth mask's
-  fitted HC when a reader gives none). Error = predicted - reference (signed: bias; absolute: MAE);
-- HC from the landmarks: the ellipse spanned by the predicted axis ends, a = |ofd1 - ofd2| / 2, b = |bpd1 - bpd2| / 2;
-- landmark radial error in px and mm (visible truth only).
-An image whose prediction gives no ellipse (empty or tiny mask) is a failed measurement: it counts with a predicted HC
-of 0, i.e. an error of the whole reference HC, so a model cannot improve hc_mae_mm by abstaining; failures are also
-counted (hc_failures). The accumulator holds sums and counts only (all-reduce SUM, engine/metrics.py).
+What is measured per image, and why an image without an ellipse counts as a failed measurement, is the accumulator's
+(engine/tasks/fetal_head/metrics.py); this task adds the figures (HC agreement and Bland-Altman plots, Dice
+histogram, overlays of the worst, median and best images with the fitted ellipse), the summary and the predict row.
 """
 from __future__ import annotations
 
