@@ -24,7 +24,9 @@ from typing import Any, Hashable, Mapping, Sequence
 
 from data_pipelines.dataset import LandmarkDataset, subset_by_ids
 from data_pipelines.errors import DataError, OptionError
+from data_pipelines.readers import READERS
 from data_pipelines.records import SPLIT_NAMES, DataInfo, Record
+from data_pipelines.synthetic import SYNTHESIZERS
 from data_pipelines.splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
 from data_pipelines.transforms import AugmentParams
 
@@ -138,7 +140,6 @@ def check_unique_ids(records: Sequence[Record]) -> None:
 # ------------------------------------------------------------------------------------------------------- the data
 def reader_for(data_cfg):
     """(Reader, checked options) of data.format (data_pipelines/readers)."""
-    from data_pipelines.readers import READERS
     fmt = data_cfg.format
     if fmt not in READERS:
         raise OptionError(f"data.format: unknown format '{fmt}' (choose from {', '.join(sorted(READERS))})")
@@ -152,11 +153,12 @@ def describe_data(data_cfg) -> DataInfo:
     folder data.synthetic would fill - what the reader's generator writes."""
     reader, opts = reader_for(data_cfg)
     root = Path(data_cfg.root)
+    synth = SYNTHESIZERS.get(data_cfg.format)
     if not reader.has_data(root, opts):
-        if data_cfg.synthetic and reader.synthetic_info is not None:
-            return reader.synthetic_info(opts, data_cfg)
+        if data_cfg.synthetic and synth is not None:
+            return synth.info(opts, data_cfg)
         raise DataError(root, reader.missing_message(root, opts)
-                        + ("" if reader.synthetic_info is None or data_cfg.synthetic else " (and data.synthetic=false)"))
+                        + ("" if synth is None or data_cfg.synthetic else " (and data.synthetic=false)"))
     return reader.describe(root, opts, data_cfg)
 
 
@@ -164,9 +166,10 @@ def ensure_data(data_cfg, strategy, reader, opts) -> Path:
     """data.root; with data.synthetic, rank 0 first fills a folder that holds no data with the reader's generator.
     Every rank meets the barrier whenever data.synthetic is set, whatever it found on disk."""
     root = Path(data_cfg.root)
-    if data_cfg.synthetic and reader.synthesize is not None:
+    synth = SYNTHESIZERS.get(data_cfg.format)
+    if data_cfg.synthetic and synth is not None:
         if strategy.info.is_main and not reader.has_data(root, opts):
-            reader.synthesize(root, opts, data_cfg)
+            synth.write(root, opts, data_cfg)
         strategy.barrier()
     if not reader.has_data(root, opts):
         raise DataError(root, reader.missing_message(root, opts) + ("" if data_cfg.synthetic

@@ -35,6 +35,7 @@ from data_pipelines.errors import DataError, index_and_epoch, naming_file
 from data_pipelines.heatmaps import heatmap_item, render_heatmaps
 from data_pipelines.images import (area_resize, decode_pixels, display_uint8, equalize_hist, grey_to_rgb,
                                    open_image, zscore)
+from data_pipelines.masks import rasterize_polygons, rle_decode
 from data_pipelines.point_order import POINT_ORDER_RULES
 from data_pipelines.records import DataInfo, MaskSource, Preprocess, Record, check_record_points
 from data_pipelines.transforms import (AffineDraw, AugmentParams, affine_from_draw, apply_flip_pairs,
@@ -89,7 +90,6 @@ def network_input(image_CHW: torch.Tensor, channels: int, normalize: str) -> tor
 
 def decode_mask(mask: MaskSource, hw: tuple[int, int], where: str) -> np.ndarray:
     """uint8 (H, W) class ids of a record's mask source (records.MaskSource)."""
-    from data_pipelines.readers.labelme import rasterize_polygons      # the pixel-centre rasteriser
     if mask.pixels is not None:
         out = np.asarray(mask.pixels, dtype=np.uint8)
     elif mask.path is not None:
@@ -97,7 +97,7 @@ def decode_mask(mask: MaskSource, hw: tuple[int, int], where: str) -> np.ndarray
     else:
         out = rasterize_polygons(list(mask.polygons), hw)
         for rle in mask.rles:
-            out[_rle_decode(rle)] = 1
+            out[rle_decode(rle)] = 1
     if out.shape != tuple(hw):
         raise DataError(mask.path or where, f"mask is {out.shape[1]}x{out.shape[0]} (W x H) but the image is "
                                             f"{hw[1]}x{hw[0]}")
@@ -118,12 +118,6 @@ def _read_mask_png(path: str, max_class: int) -> np.ndarray:
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > max_class):
         raise DataError(path, f"mask values must lie in 0..{max_class}, found {np.unique(arr)[:8].tolist()}")
     return arr.astype(np.uint8, copy=False)
-
-
-def _rle_decode(rle) -> np.ndarray:
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    return np.repeat(np.arange(counts.size) % 2 == 1, counts).reshape((h, w), order="F")
 
 
 # The working copy keeps this much more resolution than the input scale: augmentation zooms in by up to
@@ -336,11 +330,6 @@ class LandmarkDataset(Dataset):
             sample.update(heatmap_item(render_heatmaps(kpts, visible, self.input_hw, self.sigma_px,
                                                        self.heatmap_peak, impl=self.heatmap_impl)))
         return sample
-
-    def dali_source(self, decode: str = "auto"):
-        """This dataset as a DALI loader source (data_pipelines/dali/source.py)."""
-        from data_pipelines.dali.source import RecordDaliSource
-        return RecordDaliSource(self, decode=decode)
 
     def keypoints_original(self) -> tuple[np.ndarray, np.ndarray]:
         """Every sample's points in its original frame: (N, K, 2) float32 pixels, (N, K) visibility (no decode)."""

@@ -16,8 +16,10 @@ LOADER_KINDS = ("torch", "dali")
 
 
 def dali_supports(dataset: Dataset) -> bool:
-    """DALI batches need the reader's DALI source (`dataset.dali_source()`, see dali_pipeline.DaliSource)."""
-    return callable(getattr(dataset, "dali_source", None))
+    """DALI batches are made for the engine's LandmarkDataset of image files (data_pipelines/dali/source.py), not for
+    other datasets nor for z-scored MRI slabs."""
+    from data_pipelines.dataset import LandmarkDataset
+    return isinstance(dataset, LandmarkDataset) and dataset.pre.values == "uint8"
 
 
 def dali_installed() -> bool:
@@ -56,12 +58,13 @@ def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kin
             raise ValueError(f"data.loader=dali: the {type(dataset).__name__} reader has no DALI path (every "
                              f"reader's dataset has, but NIfTI's z-scored slabs); use data.loader=torch")
         from data_pipelines.dali.pipeline import DaliBatches
+        from data_pipelines.dali.source import RecordDaliSource
         # One DALI loader per dataset and setting, kept across epochs (the engine asks for a loader every epoch):
         # its pipeline, decode choice and annotation cache are built once; the sampler is this call's.
         kept = dataset.__dict__.setdefault("_dali_loaders", {})
         key = (int(batch_size), device_id, num_threads)
         if key not in kept:
-            kept[key] = DaliBatches(dataset.dali_source(), batch_size, sampler, device_id=device_id,
+            kept[key] = DaliBatches(RecordDaliSource(dataset), batch_size, sampler, device_id=device_id,
                                     num_threads=num_threads)
         loader = kept[key]
         loader.sampler = sampler

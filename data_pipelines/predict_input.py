@@ -20,6 +20,7 @@ from data_pipelines.dataset import LandmarkDataset
 from data_pipelines.errors import DataError
 from data_pipelines.images import IMAGE_SUFFIXES, verify_image
 from data_pipelines.readers.base import dataset_spacing
+from data_pipelines.synthetic import SYNTHESIZERS
 from data_pipelines.records import DataInfo, ImageSource, Preprocess, Record
 
 
@@ -39,8 +40,8 @@ def _info_for(data_cfg, reader, opts) -> DataInfo:
     root = Path(data_cfg.root)
     if reader.has_data(root, opts):
         return reader.describe(root, opts, data_cfg)
-    if reader.synthetic_info is not None:
-        return reader.synthetic_info(opts, data_cfg)
+    if data_cfg.format in SYNTHESIZERS:
+        return SYNTHESIZERS[data_cfg.format].info(opts, data_cfg)
     raise DataError(root, f"cannot tell the landmark names without the run's data ({reader.layout})")
 
 

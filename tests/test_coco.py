@@ -10,7 +10,8 @@ from PIL import Image
 
 from data_pipelines.readers.coco import (CocoDataset, flip_pairs_from_names, read_coco, resolve_flip_pairs, rle_decode,
                                  sample_mask)
-from data_pipelines.readers.coco import build_coco_data, load_for_predict
+from data_pipelines.by_format import build_coco_data
+from data_pipelines.by_format import load_coco_for_predict as load_for_predict
 from data_pipelines.readers.coco_export import dataset_to_coco, export_coco, rle_encode
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.readers.labelme import rasterize_polygons

@@ -13,6 +13,7 @@ import torch
 
 from _dali_cases import assert_eval_shards_see_every_sample_once
 from data_pipelines.batch import collate_samples
+from data_pipelines.dali.source import RecordDaliSource
 from data_pipelines.errors import DataError
 from data_pipelines.readers.hc18 import HC18_FLIP_PAIRS, HC18Dataset
 from data_pipelines.sampler import ShardedSampler
@@ -43,7 +44,7 @@ def _torch_batches(ds, sampler, batch_size):
 
 def _dali(ds, batch_size, sampler, decode="auto"):
     from data_pipelines.dali.pipeline import DaliBatches
-    return DaliBatches(ds.dali_source(decode), batch_size, sampler)
+    return DaliBatches(RecordDaliSource(ds, decode), batch_size, sampler)
 
 
 @pytest.mark.parametrize("decode", ["dali", "host"])
@@ -79,16 +80,16 @@ def test_dali_batches_equal_the_torch_path(root, augment, decode):
 
 def test_the_decode_choice_and_the_packed_masks(root):
     ds = _dataset(root, None)
-    src = ds.dali_source()
+    src = RecordDaliSource(ds)
     assert src.decode == "dali"
-    assert _dataset(root, None, cache_decoded=True).dali_source().decode == "host"
+    assert RecordDaliSource(_dataset(root, None, cache_decoded=True)).decode == "host"
     with pytest.raises(ValueError, match="decode must be auto, dali or host"):
-        ds.dali_source("gpu")
+        RecordDaliSource(ds, "gpu")
     item = src.item(3, 0)
     image, mask = ds.decode(ds.records[3])
     np.testing.assert_array_equal(item.mask_HW, mask)                  # unpacked bits = the mask PNG
     assert src._masks[ds.records[3].id][0].nbytes == -(-mask.size // 8)
-    np.testing.assert_array_equal(ds.dali_source("host").item(3, 0).data[..., 0], image[0])
+    np.testing.assert_array_equal(RecordDaliSource(ds, "host").item(3, 0).data[..., 0], image[0])
 
 
 def test_dali_evaluation_shards_see_every_sample_once(root):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data_pipelines.batch import collate_samples
+from data_pipelines.dali.source import RecordDaliSource
 from data_pipelines.readers.labelme_reader import HipDataset
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.hip import generate_hip_dataset
@@ -161,8 +162,8 @@ def test_background_producer_equals_foreground_and_survives_an_abandoned_epoch(f
     from data_pipelines.dali.pipeline import DaliBatches
     ds = _dataset(files, AUGMENT, cache=False)
     make = lambda: ShardedSampler(len(ds), 0, 1, shuffle=True, seed=2, drop_last=False, batch_size=2)  # noqa: E731
-    fg = DaliBatches(ds.dali_source(), 2, make(), background=False)
-    bg = DaliBatches(ds.dali_source(), 2, make(), background=True)
+    fg = DaliBatches(RecordDaliSource(ds), 2, make(), background=False)
+    bg = DaliBatches(RecordDaliSource(ds), 2, make(), background=True)
     for epoch in (0, 1):
         fg.set_epoch(epoch)
         bg.set_epoch(epoch)

@@ -10,6 +10,7 @@ import torch
 
 from _dali_cases import assert_eval_shards_see_every_sample_once
 from data_pipelines.batch import collate_samples
+from data_pipelines.dali.source import RecordDaliSource
 from data_pipelines.errors import DataError
 from data_pipelines.sampler import ShardedSampler
 from data_pipelines.synthetic.xray import generate_xray_dataset
@@ -46,7 +47,7 @@ def _torch_batches(ds, sampler, batch_size):
 
 def _dali(ds, batch_size, sampler, decode="auto"):
     from data_pipelines.dali.pipeline import DaliBatches
-    return DaliBatches(ds.dali_source(decode), batch_size, sampler)
+    return DaliBatches(RecordDaliSource(ds, decode), batch_size, sampler)
 
 
 @pytest.mark.parametrize("decode", ["dali", "host"])
@@ -79,13 +80,13 @@ def test_dali_batches_equal_the_torch_path(csvs, augment, decode):
 
 
 def test_the_decode_choice_follows_equalisation_and_the_cache(csvs):
-    assert _dataset(csvs, None, equalize=False).dali_source().decode == "dali"
-    assert _dataset(csvs, None, equalize=True).dali_source().decode == "host"
-    assert _dataset(csvs, None, equalize=False, cache_decoded=True).dali_source().decode == "host"
+    assert RecordDaliSource(_dataset(csvs, None, equalize=False)).decode == "dali"
+    assert RecordDaliSource(_dataset(csvs, None, equalize=True)).decode == "host"
+    assert RecordDaliSource(_dataset(csvs, None, equalize=False, cache_decoded=True)).decode == "host"
     with pytest.raises(ValueError, match="cannot apply the histogram equalisation"):
-        _dataset(csvs, None, equalize=True).dali_source("dali")
+        RecordDaliSource(_dataset(csvs, None, equalize=True), "dali")
     with pytest.raises(ValueError, match="decode must be auto, dali or host"):
-        _dataset(csvs, None).dali_source("gpu")
+        RecordDaliSource(_dataset(csvs, None), "gpu")
 
 
 def test_cached_equalised_host_pixels_give_the_uncached_batch(csvs):

@@ -13,8 +13,10 @@ from PIL import Image
 from conftest import SHARED_DATA
 from data_pipelines.batch import collate_samples
 from data_pipelines.errors import DataError, OptionError
+from data_pipelines.by_format import build_hc18_data
+from data_pipelines.by_format import load_hc18_for_predict as load_for_predict
 from data_pipelines.readers.hc18 import (HC18_COLUMNS, HC18_FLIP_PAIRS, HC18_KPT_NAMES, HC18Dataset, HC18Record,
-                                 build_hc18_data, load_for_predict, order_axis_points, read_mask, scan_hc18)
+                                         order_axis_points, read_mask, scan_hc18)
 from data_pipelines.synthetic.hc18 import exam_plan, generate_hc18_dataset, ramanujan_perimeter, synth_hc18_sample
 from data_pipelines.transforms import AugmentParams
 from engine.config import DataConfig

@@ -14,7 +14,9 @@ from conftest import SHARED_DATA
 
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.readers.nifti import load_sagittal, load_volume, sagittal_image, zscore
-from data_pipelines.readers.nifti_reader import SpineDataset, build_nifti_data, label_path_for, load_for_predict
+from data_pipelines.by_format import build_nifti_data
+from data_pipelines.by_format import load_nifti_for_predict as load_for_predict
+from data_pipelines.readers.nifti_reader import SpineDataset, label_path_for
 from data_pipelines.synthetic.spine import generate_spine_dataset
 from data_pipelines.transforms import AugmentParams, warp_points
 from engine.config import DataConfig

@@ -17,8 +17,9 @@ from data_pipelines.synthetic.xray import HEAD_R, generate_xray_dataset, render_
 from data_pipelines.transforms import AugmentParams
 from data_pipelines.readers.xray_csv import (XRAY_FLIP_PAIRS, XRAY_KPT_NAMES, equalize_hist, find_xray_samples,
                                      parse_xray_points, read_xray_csv, validate_xray_pair, write_xray_csv)
-from data_pipelines.readers.xray_csv import (XrayDataset, build_xray_csv_data, group_of, load_for_predict,
-                                         stretch_matrix)
+from data_pipelines.by_format import build_xray_csv_data
+from data_pipelines.by_format import load_xray_for_predict as load_for_predict
+from data_pipelines.readers.xray_csv import XrayDataset, group_of, stretch_matrix
 from engine.config import DataConfig
 
 # A plausible 12-point annotation of a 200 x 100 (W x H) image.

@@ -54,8 +54,6 @@ class Reader:
     predict_record: Callable[[Path, dict, Any], Record | None]   # one input file of this format (truth) or None
     annotation_suffixes: tuple[str, ...] = ()           # predict inputs with these suffixes are annotations
     heatmaps: Callable[[dict], bool] = lambda opts: True
-    synthesize: Callable[[Path, dict, Any], None] | None = None
-    synthetic_info: Callable[[dict, Any], DataInfo] | None = None
     oversample: Callable[[dict, Any], dict | None] = _never
     augment_overrides: dict[str, Any] = field(default_factory=dict)
     dali: bool = True

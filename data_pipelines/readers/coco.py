@@ -45,6 +45,7 @@ from PIL import Image
 from data_pipelines.dataset import LandmarkDataset, decode_mask
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.images import decode_pixels
+from data_pipelines.masks import rle_decode  # noqa: F401 (a public name of the reader)
 from data_pipelines.readers.base import (GENERIC_OPTIONS, PAD_VALUE, Reader, ReadResult, channels_of,
                                          check_generic_options, flip_pairs_from_names,  # noqa: F401 (public name)
                                          generic_preprocess, resolve_flip_pairs)
@@ -452,15 +453,6 @@ def read_coco(json_path: str | Path, images_dir: str | Path | None = None, categ
 # Masks
 # ----------------------------------------------------------------------------------------------------------------
 
-def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
-    """bool (H, W) from an uncompressed COCO RLE: runs alternate 0 / 1 starting with 0, over the column-major
-    (Fortran-order) flattening of the mask."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    flat = np.repeat(np.arange(counts.size) % 2 == 1, counts)
-    return flat.reshape((h, w), order="F")
-
-
 def sample_mask(segments: list, hw: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W): 1 where a polygon (labelme's pixel-centre rasteriser) or an RLE of the annotation covers."""
     return decode_mask(_mask_source(segments), hw, "COCO segmentation")
@@ -656,49 +648,6 @@ def predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
     return None
 
 
-def synthesize(root: Path, opts: dict, data_cfg) -> None:
-    """An empty root filled with the hip phantom (data_pipelines/synthetic/hip.py) as a COCO file: 6 landmarks, masks
-    = any structure."""
-    import tempfile
-
-    from data_pipelines.readers.coco_export import dataset_to_coco
-    from data_pipelines.readers.labelme_reader import HipDataset
-    from data_pipelines.synthetic.hip import generate_hip_dataset
-    ann = _annotation_files(root, opts)[0]
-    if root.is_dir() and any(root.iterdir()):
-        raise DataError(ann, "annotations file not found; data.synthetic=true only fills an empty folder")
-    log.info("generating %d phantom images as COCO into %s", data_cfg.synth_n, root)
-    with tempfile.TemporaryDirectory(prefix="medpose_synth_") as tmp:
-        files = generate_hip_dataset(tmp, data_cfg.synth_n, seed=data_cfg.synth_seed,
-                                     type2_ratio=getattr(data_cfg, "synth_type2_ratio", 0.35),
-                                     image_hw=tuple(data_cfg.synth_image_hw))
-        image_root = root / ("images" if opts["images"] == "auto" else opts["images"])
-        dataset_to_coco(HipDataset(files), ann, image_root, category_name="hip")
-
-
-def synthetic_info(opts: dict, data_cfg) -> DataInfo:
-    from data_pipelines.readers.labelme import HIP_KPT_NAMES
-    channels = 1 if opts["channels"] == "auto" else int(opts["channels"])     # the phantom is grey
-    return DataInfo(tuple(HIP_KPT_NAMES), ("background", "hip") if opts["masks"] else None,
-                    resolve_flip_pairs(opts["flip_pairs"], HIP_KPT_NAMES), channels, "per_image")
-
-
 READER = Reader(name="coco", layout=LAYOUT, defaults=DEFAULTS, check_options=check_options, has_data=has_data,
                 describe=describe, read=read, preprocess=preprocess, predict_record=predict_record,
-                annotation_suffixes=(), synthesize=synthesize, synthetic_info=synthetic_info)
-
-
-def build_coco_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
-    """The run's COCO data (data_pipelines/build.py with data.format = coco)."""
-    import dataclasses
-
-    from data_pipelines.build import build_data
-    return build_data(dataclasses.replace(data_cfg, format="coco"), run_dir, strategy, seed)
-
-
-def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
-    """One image for `medpose predict` read as COCO data (data_pipelines/predict_input.py)."""
-    import dataclasses
-
-    from data_pipelines.predict_input import load_for_predict as load
-    return load(path, dataclasses.replace(data_cfg, format="coco"))
+                annotation_suffixes=())

@@ -21,7 +21,6 @@ Pixel spacing is isotropic: spacing_mm_2 = (pixel_size_mm, pixel_size_mm).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -259,13 +258,6 @@ def read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
     return ReadResult([hc18_record(r) for r in records], HC18_INFO, skipped, root / "annotations.csv")
 
 
-def synthesize(root: Path, opts: dict, data_cfg) -> None:
-    from data_pipelines.synthetic.hc18 import generate_hc18_dataset   # the generator imports this module
-    log.info("generating %d synthetic HC18 images into %s", data_cfg.synth_n, root)
-    generate_hc18_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed, image_hw=tuple(data_cfg.synth_image_hw),
-                          progress=True)
-
-
 def predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
     """The annotations.csv row (and mask) of an image that sits in an HC18 layout, else None."""
     path = Path(path)
@@ -286,16 +278,4 @@ READER = Reader(name="hc18", layout=LAYOUT, defaults=DEFAULTS, check_options=_ch
                 describe=lambda root, opts, cfg: HC18_INFO, read=read,
                 preprocess=lambda opts, cfg, info: hc18_preprocess(cfg.input_hw, bool(getattr(cfg, "preresize",
                                                                                               False))),
-                predict_record=predict_record, synthesize=synthesize, synthetic_info=lambda opts, cfg: HC18_INFO)
-
-
-def build_hc18_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
-    """The run's HC18 data (data_pipelines/build.py with data.format = hc18)."""
-    from data_pipelines.build import build_data
-    return build_data(dataclasses.replace(data_cfg, format="hc18"), run_dir, strategy, seed)
-
-
-def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
-    """One image for `medpose predict` (data_pipelines/predict_input.py) read as HC18 data."""
-    from data_pipelines.predict_input import load_for_predict as load
-    return load(path, dataclasses.replace(data_cfg, format="hc18"))
+                predict_record=predict_record)

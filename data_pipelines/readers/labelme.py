@@ -28,6 +28,7 @@ from PIL import Image
 
 from data_pipelines.errors import DataError
 from data_pipelines.images import RGB_DECODERS, decode_rgb, open_image, source_name
+from data_pipelines.masks import polygon_mask, rasterize_polygons  # noqa: F401 (public names of the reader)
 
 # Structure names -> class ids (0 = background), point names -> landmark index, labels to skip.
 # Chinese strings are the published annotations' (SEEDS.md §1); English names are accepted beside them.
@@ -96,48 +97,6 @@ def _label_tables(label_map: dict[str, Any]) -> tuple[dict[str, int], dict[str, 
         raise ValueError("label_map['points']: indices must cover 0..K-1")
     ignore = {_norm_label(k) for k in label_map.get("ignore", ())}
     return classes, points, ignore, max(points.values()) + 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rasterisation (pixel-centre rule, see module docstring)
-# ----------------------------------------------------------------------------------------------------------------
-
-def polygon_mask(points_N2: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """bool (H, W): pixels whose centre (x=c, y=r) lies inside the closed polygon (even-odd rule).
-
-    Scanline form: on row r, an edge (x0,y0)-(x1,y1) crosses when min(y) <= r < max(y) (half-open, so a vertex
-    is counted once); sorted crossings pair up into spans, and a span [xa, xb) covers columns ceil(xa)..ceil(xb)-1.
-    """
-    h, w = hw
-    p = np.asarray(points_N2, dtype=np.float64).reshape(-1, 2)
-    x0, y0 = p[:, 0], p[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    rows = np.arange(h, dtype=np.float64)[:, None]                       # (H, 1) against (E,) edges
-    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
-    crosses = (lo <= rows) & (rows < hi)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xs = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
-    xs = np.where(crosses, xs, np.inf)
-    if xs.shape[1] % 2:
-        xs = np.concatenate([xs, np.full((h, 1), np.inf)], axis=1)
-    xs.sort(axis=1)                                                        # inf (no crossing) sorts last
-    starts, ends = xs[:, 0::2], xs[:, 1::2]
-    valid = np.isfinite(starts) & np.isfinite(ends)
-    r_idx = np.nonzero(valid)[0]
-    c0 = np.clip(np.ceil(starts[valid]), 0, w).astype(np.int64)
-    c1 = np.clip(np.ceil(ends[valid]), 0, w).astype(np.int64)
-    diff = np.zeros((h, w + 1), dtype=np.int32)
-    np.add.at(diff, (r_idx, c0), 1)
-    np.add.at(diff, (r_idx, c1), -1)
-    return np.cumsum(diff, axis=1)[:, :w] > 0
-
-
-def rasterize_polygons(polygons: list[tuple[int, np.ndarray]], hw: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W) class-id mask; polygons are drawn sorted by class id (stable), later over earlier."""
-    mask = np.zeros(hw, dtype=np.uint8)
-    for cls, pts in sorted(polygons, key=lambda item: item[0]):
-        mask[polygon_mask(pts, hw)] = cls
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------------

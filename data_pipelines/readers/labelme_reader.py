@@ -247,7 +247,8 @@ def labelme_records(files: Sequence[Path], labels: LabelSet, spacing_mm=None, sk
     return records, skipped
 
 
-def _info(labels: LabelSet, opts: dict, images: Sequence[str | bytes]) -> DataInfo:
+def label_set_info(labels: LabelSet, opts: dict, images: Sequence[str | bytes]) -> DataInfo:
+    """The DataInfo of a label set: hip files keep the published 3-channel input unless reader_args.channels says."""
     channels = 3 if labels.hip and opts["channels"] == "auto" else channels_of(opts, images)
     return DataInfo(labels.kpt_names, labels.class_names, resolve_flip_pairs(opts["flip_pairs"], labels.kpt_names)
                     if not labels.hip or opts["flip_pairs"] is not None else (), channels, "per_image")
@@ -287,7 +288,7 @@ def describe(root: Path, opts: dict, data_cfg) -> DataInfo:
             image = path.parent / str(doc["imagePath"]).replace("\\", "/")
             if image.is_file():
                 images.append(str(image))
-    return _info(labels, opts, images)
+    return label_set_info(labels, opts, images)
 
 
 def read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
@@ -297,7 +298,7 @@ def read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
         log.info("labelme labels found in %s:\n  %s", root, "\n  ".join(report.lines()))
     records, skipped = labelme_records(files, labels, _spacing(opts, data_cfg), skip_bad)
     sources = [r.image.encoded() for r in records]
-    return ReadResult(records, _info(labels, opts, sources), skipped, root, "dataset.json 'split' fields")
+    return ReadResult(records, label_set_info(labels, opts, sources), skipped, root, "dataset.json 'split' fields")
 
 
 def preprocess(opts: dict, data_cfg, info: DataInfo) -> Preprocess:
@@ -335,21 +336,9 @@ def predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
     return labelme_record(path, labels, meta)
 
 
-def synthesize(root: Path, opts: dict, data_cfg) -> None:
-    from data_pipelines.synthetic.hip import generate_hip_dataset
-    log.info("generating %d phantom images into %s", data_cfg.synth_n, root)
-    generate_hip_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed, type2_ratio=data_cfg.synth_type2_ratio,
-                         image_hw=tuple(data_cfg.synth_image_hw), progress=True)
-
-
-def synthetic_info(opts: dict, data_cfg) -> DataInfo:
-    return _info(HIP_SET, opts, [])
-
-
 READER = Reader(name="labelme", layout=LAYOUT, defaults=DEFAULTS, check_options=check_options, has_data=has_data,
                 describe=describe, read=read, preprocess=preprocess, predict_record=predict_record,
-                annotation_suffixes=(".json",), synthesize=synthesize, synthetic_info=synthetic_info,
-                oversample=oversample)
+                annotation_suffixes=(".json",), oversample=oversample)
 
 
 # ------------------------------------------------------------------------------------------- the hip dataset
@@ -384,19 +373,3 @@ class HipDataset(LandmarkDataset):
 
     def patient_id(self, i: int) -> str:
         return self.group_id(i)
-
-
-def build_hip_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
-    """The run's labelme data (data_pipelines/build.py with data.format = labelme)."""
-    import dataclasses
-
-    from data_pipelines.build import build_data
-    return build_data(dataclasses.replace(data_cfg, format="labelme"), run_dir, strategy, seed)
-
-
-def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
-    """One input of `medpose predict` (a labelme JSON: truth drawn too; or any image) read as labelme data."""
-    import dataclasses
-
-    from data_pipelines.predict_input import load_for_predict as load
-    return load(path, dataclasses.replace(data_cfg, format="labelme"))

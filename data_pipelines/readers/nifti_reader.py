@@ -13,7 +13,6 @@ no left/right landmark pairs, so a flip (anterior <-> posterior) swaps nothing. 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -160,16 +159,6 @@ def read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
     return ReadResult(records, nifti_info(opts), skipped, root)
 
 
-def synthesize(root: Path, opts: dict, data_cfg) -> None:
-    from data_pipelines.synthetic.spine import generate_spine_dataset
-    log.info("generating %d phantom spine volumes into %s", data_cfg.synth_n, root)
-    generate_spine_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed,
-                           shape=(SYNTH_SLICES, *data_cfg.synth_image_hw), num_discs=opts["num_keypoints"],
-                           first_value=opts["first_label"], progress=True)
-    if not find_volumes(root, opts):
-        raise DataError(root, f"the generated volumes do not match image_glob {opts['image_glob']}")
-
-
 def predict_record(path: Path, opts: dict, data_cfg) -> Record:
     """One volume (every nifti input is one): the slab, and the truth when the label volume lies beside it."""
     records, _ = nifti_records([path], opts, skip_bad=False, require_labels=False)
@@ -180,18 +169,5 @@ READER = Reader(name="nifti", layout=LAYOUT, defaults=DEFAULTS, check_options=ch
                 has_data=lambda root, opts: bool(find_volumes(root, opts)),
                 describe=lambda root, opts, cfg: nifti_info(opts), read=read,
                 preprocess=lambda opts, cfg, info: nifti_preprocess(cfg.input_hw, int(opts["channels"])),
-                predict_record=predict_record, annotation_suffixes=(".nii", ".nii.gz"), synthesize=synthesize,
-                synthetic_info=lambda opts, cfg: nifti_info(opts), dali=False,
+                predict_record=predict_record, annotation_suffixes=(".nii", ".nii.gz"), dali=False,
                 missing=lambda root, opts: f"no volumes matching {opts['image_glob']}")
-
-
-def build_nifti_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
-    """The run's NIfTI data (data_pipelines/build.py with data.format = nifti)."""
-    from data_pipelines.build import build_data
-    return build_data(dataclasses.replace(data_cfg, format="nifti"), run_dir, strategy, seed)
-
-
-def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
-    """One volume for `medpose predict` (data_pipelines/predict_input.py)."""
-    from data_pipelines.predict_input import load_for_predict as load
-    return load(path, dataclasses.replace(data_cfg, format="nifti"))

@@ -18,7 +18,6 @@ Layouts: `<root>/{train,val,test}/{images,annotations}/` (the published splits, 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -390,13 +389,6 @@ def _read(root: Path, opts: dict, data_cfg, skip_bad: bool) -> ReadResult:
                       "folders")
 
 
-def _synthesize(root: Path, opts: dict, data_cfg) -> None:
-    from data_pipelines.synthetic.xray import generate_xray_dataset
-    log.info("generating %d phantom X-rays into %s", data_cfg.synth_n, root)
-    generate_xray_dataset(root, data_cfg.synth_n, seed=data_cfg.synth_seed, image_hw=tuple(data_cfg.synth_image_hw),
-                          progress=True)
-
-
 def _predict_record(path: Path, opts: dict, data_cfg) -> Record | None:
     """A CSV annotation input (its image and the truth); None for a plain image."""
     path = Path(path)
@@ -411,18 +403,5 @@ XRAY_READER = Reader(
     preprocess=lambda opts, cfg, info: xray_preprocess(cfg.input_hw, opts["resize"], opts["equalize"],
                                                        opts["normalize"], bool(getattr(cfg, "preresize", False))),
     predict_record=_predict_record, annotation_suffixes=(".csv",), heatmaps=lambda opts: opts["heatmaps"],
-    synthesize=_synthesize, synthetic_info=lambda opts, cfg: XRAY_INFO,
     # X-ray noise is additive quantum noise, not ultrasound speckle: keep the multiplicative speckle small.
     augment_overrides={"speckle_sigma_max": 0.03})
-
-
-def build_xray_csv_data(data_cfg, run_dir: Path, strategy, seed: int) -> dict[str, Any]:
-    """The run's X-ray data (data_pipelines/build.py with data.format = xray_csv)."""
-    from data_pipelines.build import build_data
-    return build_data(dataclasses.replace(data_cfg, format="xray_csv"), run_dir, strategy, seed)
-
-
-def load_for_predict(path: str | Path, data_cfg) -> dict[str, Any]:
-    """One input of `medpose predict` read as X-ray CSV data (data_pipelines/predict_input.py)."""
-    from data_pipelines.predict_input import load_for_predict as load
-    return load(path, dataclasses.replace(data_cfg, format="xray_csv"))

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from data_pipelines.readers.labelme import rasterize_polygons
+from data_pipelines.masks import rasterize_polygons
 
 REF_HW = (240, 320)
 CLASS_LABELS_ZH = {1: "股骨头", 2: "大转子", 3: "盂唇", 4: "软骨性髋臼顶", 5: "滑膜皱襞", 6: "近端软骨膜", 7: "Y型软骨"}
