@@ -12,7 +12,8 @@ Rows:
   heatmap stride       landmark_unet (width 16) with its head at stride 4 / 2 / 1, a shorter equal budget each;
   flip test            trained with flips (flip_p 0.5), evaluated without and with flip-test averaging;
   HC18 axis landmarks  the real subset as COCO (`medpose data to-coco --split all`), the CPU config, plain and
-                       with the flip test (the long-axis ends swap on a flip: reader_args.flip_pairs).
+                       with the flip test (the long-axis ends swap on a flip: reader_args.flip_pairs);
+  unet_cpu             the CPU config's budget with landmark_unet at stride 2 in place of HRNet's stride-4 head.
 The optional second-stage refinement on native-resolution crops is not part of the recipe (see the results file).
 """
 from __future__ import annotations
@@ -78,6 +79,55 @@ def hc18_data(out: Path, hc18: Path) -> Path | None:
     return data
 
 
+def _ceph_main(ctx) -> None:
+    run = ctx["out"] / "ceph_cpu_config"
+    ctx["times"]["ceph_cpu_config"] = train(ctx["data"], "coco", run, *ctx["short"])
+    ctx["rows"]["ceph: CPU config, DARK (shipped)"] = _figures(run / "report.json")
+    ctx["rows"]["ceph: CPU config, integer argmax"] = evaluate(run, "argmax", "model.decode=argmax")
+    ctx["rows"]["ceph: CPU config, soft-argmax"] = evaluate(run, "softargmax", "model.decode=softargmax")
+
+
+def _unet(stride: int, width: int = 16) -> list[str]:
+    return ["model.name=landmark_unet", f"model.args={{width: {width}, depth: 5, heatmap_stride: {stride}}}"]
+
+
+def _ceph_unet_full(ctx) -> None:
+    """The CPU config's budget (1000 steps) with landmark_unet at stride 2 instead of HRNet's stride-4 head."""
+    run = ctx["out"] / "ceph_cpu_config_unet_s2"
+    ctx["times"][run.name] = train(ctx["data"], "coco", run, *ctx["short"], *_unet(2))
+    ctx["rows"]["ceph: CPU budget, landmark_unet stride 2, DARK"] = _figures(run / "report.json")
+
+
+def _ceph_strides(ctx) -> None:
+    for stride in (4, 2, 1):                # the same UNet with its head at stride 4 / 2 / 1, equal budgets
+        run = ctx["out"] / f"ceph_unet_stride{stride}"
+        ctx["times"][run.name] = train(ctx["data"], "coco", run, *ctx["ablation"], *_unet(stride))
+        ctx["rows"][f"ceph: landmark_unet, heatmap stride {stride}, {ctx['ablation_name']}"] = \
+            _figures(run / "report.json")
+
+
+def _ceph_flips(ctx) -> None:
+    run = ctx["out"] / "ceph_flips"
+    ctx["times"][run.name] = train(ctx["data"], "coco", run, *ctx["ablation"], "data.flip_p=0.5")
+    ctx["rows"]["ceph: trained with flips, no flip test"] = _figures(run / "report.json")
+    ctx["rows"]["ceph: trained with flips, + flip test"] = evaluate(run, "flip_test", "eval.flip_test=true")
+
+
+def _hc18(ctx) -> None:
+    hc18 = hc18_data(ctx["out"], Path(ctx["args"].hc18))
+    if hc18 is None:
+        return
+    run = ctx["out"] / "hc18_cpu_config"
+    pairs = ["data.reader_args={flip_pairs: [[ofd1, ofd2]]}", "data.flip_p=0.5", "data.input_hw=[224,320]"]
+    ctx["times"][run.name] = train(hc18, "coco", run, *pairs, *ctx["short"])
+    ctx["rows"]["HC18 axis landmarks: CPU config"] = _figures(run / "report.json")
+    ctx["rows"]["HC18 axis landmarks: + flip test"] = evaluate(run, "flip_test", "eval.flip_test=true")
+
+
+STAGES = {"main": _ceph_main, "strides": _ceph_strides, "flips": _ceph_flips, "hc18": _hc18,
+          "unet_cpu": _ceph_unet_full}
+
+
 def run_all(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,33 +136,17 @@ def run_all(args) -> dict:
     short = ["train.max_steps=8", "train.eval_every=4", "train.ckpt_every=4", "data.input_hw=[96,96]"] if quick else []
     ablation = [f"train.max_steps={args.ablation_steps}", f"train.eval_every={args.ablation_steps}",
                 f"train.ckpt_every={args.ablation_steps}"] if not quick else short
-    rows, times = {}, {}
-    data, times["generate"] = ceph_data(out, n, hw)
-    main_run = out / "ceph_cpu_config"
-    times["ceph_cpu_config"] = train(data, "coco", main_run, *short)
-    rows["ceph: CPU config, DARK (shipped)"] = _figures(main_run / "report.json")
-    rows["ceph: CPU config, integer argmax"] = evaluate(main_run, "argmax", "model.decode=argmax")
-    rows["ceph: CPU config, soft-argmax"] = evaluate(main_run, "softargmax", "model.decode=softargmax")
-    for stride in (4, 2, 1):                # the same UNet with its head at stride 4 / 2 / 1, equal budgets
-        run = out / f"ceph_unet_stride{stride}"
-        unet = ["model.name=landmark_unet", f"model.args={{width: 16, depth: 5, heatmap_stride: {stride}}}"]
-        times[run.name] = train(data, "coco", run, *ablation, *unet)
-        rows[f"ceph: landmark_unet, heatmap stride {stride}, {'quick' if quick else args.ablation_steps} steps"] = \
-            _figures(run / "report.json")
-    run = out / "ceph_flips"
-    times[run.name] = train(data, "coco", run, *ablation, "data.flip_p=0.5")
-    rows["ceph: trained with flips, no flip test"] = _figures(run / "report.json")
-    rows["ceph: trained with flips, + flip test"] = evaluate(run, "flip_test", "eval.flip_test=true")
-    hc18 = hc18_data(out, Path(args.hc18))
-    if hc18 is not None:
-        run = out / "hc18_cpu_config"
-        pairs = ["data.reader_args={flip_pairs: [[ofd1, ofd2]]}", "data.flip_p=0.5", "data.input_hw=[224,320]"]
-        times[run.name] = train(hc18, "coco", run, *pairs, *short)
-        rows["HC18 axis landmarks: CPU config"] = _figures(run / "report.json")
-        rows["HC18 axis landmarks: + flip test"] = evaluate(run, "flip_test", "eval.flip_test=true")
-    result = {"rows": rows, "wall_s": times, "quick": quick, "n": n, "image_hw": hw,
-              "cpu_count": os.cpu_count(), "torch_threads": None}
-    (out / "landmark_accuracy.json").write_text(json.dumps(result, indent=2))
+    saved = out / "landmark_accuracy.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() and args.stages != list(STAGES) else {}
+    ctx = {"out": out, "args": args, "short": short, "ablation": ablation, "rows": previous.get("rows", {}),
+           "times": previous.get("wall_s", {}), "ablation_name": "quick" if quick else f"{args.ablation_steps} steps"}
+    ctx["data"], gen_s = ceph_data(out, n, hw)
+    ctx["times"].setdefault("generate", gen_s)
+    for name in args.stages:
+        STAGES[name](ctx)
+    result = {"rows": ctx["rows"], "wall_s": ctx["times"], "quick": quick, "n": n, "image_hw": hw,
+              "cpu_count": os.cpu_count()}
+    saved.write_text(json.dumps(result, indent=2))
     print(table(result))
     return result
 
@@ -141,6 +175,8 @@ def cli(argv=None) -> None:
     ap.add_argument("--ablation-steps", type=int, default=300, help="training steps of each ablation run")
     ap.add_argument("--hc18", default=str(ROOT.parent / "shared" / "data" / "hc18"), help="the HC18 subset")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the recipe")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES),
+                    help="which parts to run (default all); a subset adds its rows to the folder's earlier results")
     run_all(ap.parse_args(argv))
 
 
