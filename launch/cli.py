@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg"])
     for q, n in ((s, 240), (x, 200), (dsub.choices["synth-spine"], 60), (dsub.choices["synth-hc18"], 200), (g, 900)):
         q.add_argument("--out", required=True, help="output folder")
-        q.add_argument("-n", type=int, default=n, help=f"number of images / subjects (default {n})")
+        q.add_argument("-n", "--n", type=int, default=n, help=f"number of images / subjects (default {n})")
         q.add_argument("--seed", type=int, default=0)
     i = dsub.add_parser("inspect", help="what a dataset folder holds, read as training would read it",
                         description="Counts, image sizes, channels, spacings, landmark names and how often each is "
