@@ -55,10 +55,30 @@ def resolve_config_path(name: str | None) -> Path | None:
     raise SystemExit(f"medpose: config '{name}' is neither a file nor a bundled config ({known})")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser: options, KEY=VALUE overrides and other positionals (predict's inputs) in any order
+    (`train --config X a=b --no-test c=d`). Plain argparse hands a `nargs="*"` positional only the first run of
+    values and rejects the rest as unrecognized; this parses the options first, then the positionals
+    (argparse's parse_known_intermixed_args). A parser with its own subcommands (`data`) parses as usual; its
+    subcommands' parsers are of this class too."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        nested = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if self._intermixing or nested:  # parse_known_intermixed_args calls back here (twice)
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medpose", description=__doc__.split("\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
     t = sub.add_parser("train", help="train a model (single process, or DDP under torchrun)",
                        description="Train from a YAML run config plus dotted overrides (section.key=value).")
