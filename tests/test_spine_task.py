@@ -187,8 +187,8 @@ def test_figures_written(tmp_path):
     assert _png_ok(one)
 
 
-def test_decoder_and_prior_when_the_skeleton_module_exists(tmp_path):
-    pytest.importorskip("models.skeleton")
+def test_decoder_and_prior_fitted_on_the_training_labels(tmp_path):
+    import models.skeleton  # noqa: F401  (the decoder's module: a broken import must fail here, not skip)
     from data_pipelines.readers.nifti_reader import SpineDataset
     from data_pipelines.synthetic.spine import generate_spine_dataset
     paths = generate_spine_dataset(tmp_path / "d", 4, seed=3, shape=(6, 160, 96))

@@ -148,16 +148,26 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, phantom_root):
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, phantom_root):
-    from engine.trainer import TrainingDiverged
-    cfg = _cfg(tmp_path, phantom_root, "train.max_steps=6", "train.ckpt_every=2", "optim.lr=1e12",
-               "train.eval_every=0", "train.log_every=1")
-    with pytest.raises(TrainingDiverged, match="not finite"):
-        train(cfg, final_test=False)
+    """Two sane steps (checkpoint at step 2), then the `step` schedule multiplies the LR by 1e15: the weights blow
+    up and the next forward pass is not finite. The run stops naming the last good checkpoint, which holds the
+    weights of step 2 exactly as a run stopped there writes them."""
     from engine.checkpoint import find_latest, load_checkpoint_file
-    latest = find_latest(tmp_path / "checkpoints")
-    if latest is not None:  # whatever was saved before the blow-up is still loadable
-        state = load_checkpoint_file(latest)
-        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    from engine.trainer import TrainingDiverged
+    common = ["train.max_steps=6", "train.ckpt_every=2", "optim.lr=2e-3", "optim.scheduler=step",
+              "optim.step_milestones=[2]", "optim.step_gamma=1e15", "train.eval_every=0", "train.log_every=1"]
+    with pytest.raises(TrainingDiverged, match="not finite") as exc:
+        train(_cfg(tmp_path / "nan", phantom_root, *common), final_test=False)
+    latest = find_latest(tmp_path / "nan" / "checkpoints")
+    assert latest is not None and latest.name == "ckpt_step00000002.pt"
+    assert str(latest) in str(exc.value)
+    state = load_checkpoint_file(latest)
+    assert state["client"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    train(_cfg(tmp_path / "ref", phantom_root, *common, "train.stop_at_step=2"), final_test=False)
+    ref = load_checkpoint_file(tmp_path / "ref" / "checkpoints" / "ckpt_step00000002.pt")["model"]
+    assert state["model"].keys() == ref.keys()
+    for k, v in ref.items():
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
 
 
 def test_nan_policy_skip_counts_skipped_steps(tmp_path, phantom_root):
