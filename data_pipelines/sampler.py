@@ -4,6 +4,11 @@ The permutation of an epoch is a pure function of (seed, epoch); rank r of W tak
 the **global** rank). Training drops the tail that does not divide evenly (every rank sees the same number of batches,
 so DDP's collectives line up); evaluation keeps every sample exactly once (ranks may differ by one sample; metrics are
 reduced from sums and counts, so that is harmless).
+
+The position inside an epoch is global: `start` = samples of the permutation already consumed by all ranks together.
+After c batches of b on each of W ranks the consumed samples are exactly the permutation's first c*b*W (rank r took
+positions r, r+W, ...), so a run resumed with another world size W' shards the rest, `order[start:]`, over its W'
+ranks and every sample of the epoch is still used once (`global_offset`).
 """
 from __future__ import annotations
 
@@ -32,31 +37,48 @@ class ShardedSampler(Sampler[int]):
         self.epoch = epoch
 
     def set_start(self, start: int) -> None:
-        """Skip the first `start` indices of this rank's shard (resume mid-epoch without loading them)."""
-        self.start = start
+        """Skip the first `start` samples of this epoch's permutation, consumed by all ranks together (resume
+        mid-epoch, possibly with another world size, without loading them). 0 = the epoch's beginning."""
+        if start < 0:
+            raise ValueError(f"ShardedSampler: start {start} < 0")
+        self.start = int(start)
+
+    def _remaining(self) -> int:
+        return max(self.num_samples - self.start, 0)
 
     def shard_size(self) -> int:
+        """This rank's number of samples from `start` to the end of the epoch."""
+        n = self._remaining()
         if self.drop_last:
-            per_rank = self.num_samples // self.world_size
+            per_rank = n // self.world_size
             return per_rank - per_rank % self.batch_size
-        return len(range(self.rank, self.num_samples, self.world_size))
+        return len(range(self.rank, n, self.world_size))
 
     def batches_per_epoch(self) -> int:
         n = self.shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def shard(self) -> list[int]:
+    def order(self) -> list[int]:
+        """The epoch's whole permutation (every rank, from its beginning)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+            return torch.randperm(self.num_samples, generator=g).tolist()
+        return list(range(self.num_samples))
+
+    def shard(self) -> list[int]:
+        """This rank's indices from `start` on: every W-th of the permutation's rest, whole batches when training."""
+        rest = self.order()[self.start:]
         if self.drop_last:
-            order = order[: self.shard_size() * self.world_size]
-        return order[self.rank::self.world_size]
+            rest = rest[: self.shard_size() * self.world_size]
+        return rest[self.rank::self.world_size]
+
+    def global_offset(self, batches_taken: int) -> int:
+        """The epoch position (samples of the permutation consumed by all ranks) after every rank took
+        `batches_taken` batches since `start`."""
+        return self.start + batches_taken * self.batch_size * self.world_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start:])
+        return iter(self.shard())
 
     def __len__(self) -> int:
-        return max(self.shard_size() - self.start, 0)
+        return self.shard_size()

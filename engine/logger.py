@@ -77,6 +77,18 @@ class RunLogger:
                 if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
 
+    def has_row(self, step: int, split: str) -> bool:
+        """Whether metrics.jsonl holds a `split` row for `step` (rank 0; False on the other ranks)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("step") == step and row.get("split") == split:
+                    return True
+        return False
+
     def progress(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:
             self._bar.update(n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,13 @@ from torch import nn
 from .checkpoint import atomic_torch_save
 from .faults import save_fault_hook
 from .dist import DistInfo
+
+
+@dataclass(frozen=True)
+class LossScaleSkip:
+    """`step()`'s answer when fp16's loss scaler met inf/NaN gradients: the optimizer step was not applied and the
+    scale was lowered to `scale`. A normal event in fp16 training (the trainer counts it), not a divergence."""
+    scale: float
 
 
 class SingleStrategy:
@@ -67,9 +75,10 @@ class SingleStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.grad_accum).backward()
 
-    def step(self) -> float | None:
-        """Clip, step, zero. Returns the global grad norm (before clipping), or None when the step was skipped
-        because the norm is not finite (the caller decides whether that stops the run)."""
+    def step(self) -> float | LossScaleSkip | None:
+        """Clip, step, zero. Returns the global grad norm (before clipping); LossScaleSkip when fp16's scaler found
+        inf/NaN gradients and backed off (step not applied); None when the norm is not finite without a scaler
+        (the caller decides whether that stops the run)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -78,7 +87,8 @@ class SingleStrategy:
         if not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
-                self.scaler.update()  # lets fp16 back off its scale instead of stopping
+                self.scaler.update()  # fp16 backs off its scale and goes on: a skipped step, not a divergence
+                return LossScaleSkip(float(self.scaler.get_scale()))
             return None
         self.scaler.step(self.optimizer)
         self.scaler.update()

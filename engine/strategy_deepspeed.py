@@ -49,7 +49,7 @@ from .checkpoint import atomic_torch_save, load_checkpoint_file
 from .faults import save_fault_hook
 from .config import DEEPSPEED_OWNED_KEYS, ConfigError, DeepSpeedConfig
 from .dist import DistInfo
-from .strategies import DDPStrategy
+from .strategies import DDPStrategy, LossScaleSkip
 
 SHARDS_DIR = "deepspeed"
 FORMAT = "medpose-deepspeed-1"
@@ -300,10 +300,14 @@ class DeepSpeedStrategy(DDPStrategy):
             return None
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
-    def step(self) -> float | None:
+    def step(self) -> float | LossScaleSkip | None:
         before = self._local_grad_norm() if self.zero_stage == 0 else None
         self.engine.step()
         self._micro = 0
+        if self.precision == "fp16" and not self.engine.was_step_applied():
+            # DeepSpeed's dynamic loss scaler met an overflow and halved its scale: a skipped step, not a divergence
+            scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+            return LossScaleSkip(float(getattr(scaler, "cur_scale", getattr(scaler, "loss_scale", math.nan))))
         norm = self.engine.get_global_grad_norm()
         norm = before if norm is None else float(norm)
         if norm is None:

@@ -1,8 +1,10 @@
 """The training loop: strategy-agnostic, model-agnostic (forward → dict of outputs, criterion → dict of losses).
 
-One optimizer step = `grad_accum` micro-batches. The data position (epoch, micro-batches consumed in it), every
-rank's RNG state, the optimizer/scheduler/scaler and the criterion's state go into each checkpoint, so a run of 2N
-steps equals a run of N steps + resume + N steps. A checkpoint is written before every evaluation (and every
+One optimizer step = `grad_accum` micro-batches. The data position (epoch, samples of its permutation consumed by all
+ranks together), every rank's RNG state and metrics window, the optimizer/scheduler/scaler and the criterion's state go
+into each checkpoint, so a run of 2N steps equals a run of N steps + resume + N steps (weights and metrics.jsonl). A
+resume with another world size re-shards the rest of the epoch over the new ranks (every sample still used once), and
+ranks without a saved RNG stream are seeded from (train.seed, rank, step). A checkpoint is written before every evaluation (and every
 train.ckpt_every steps), never after one: an evaluation that fails loses no training.
 """
 from __future__ import annotations
@@ -22,20 +24,43 @@ from data_pipelines.loaders import make_batches
 from data_pipelines.sampler import ShardedSampler
 
 from .checkpoint import (capture_rng, checkpoint_path, find_latest, prune_checkpoints, restore_rng,
-                         update_latest, versions)
+                         seed_everything, update_latest, versions)
 from .config import Config
-from .faults import FAULT_RANK_ENV, FAULT_STEP_ENV, inject_fault  # noqa: F401 (re-exported)
+from .faults import FAULT_RANK_ENV, FAULT_STEP_ENV, inject_fault, trace_samples  # noqa: F401 (re-exported)
 from .logger import LOG, RunLogger
+from .strategies import LossScaleSkip
 
 
 class TrainingDiverged(RuntimeError):
     """Raised when the loss or the gradient norm is not finite and nan_policy says stop."""
 
 
+MAX_LOSS_SCALE_SKIPS = 100
+"""fp16: this many loss-scale back-offs in a row (the scale divided by 2**100) is a divergence, not a warm-up."""
+
+
 @dataclass
 class DataPosition:
     epoch: int = 0
-    consumed: int = 0  # micro-batches of this epoch already used
+    start: int = 0     # samples of the epoch's permutation consumed (all ranks) when this pass over it began
+    consumed: int = 0  # micro-batches this rank has taken since `start`
+
+
+def saved_data_position(client: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, samples of its permutation consumed by all ranks) from a checkpoint's client state; checkpoints written
+    before the position was global hold micro-batches per rank, converted with their world size and batch size."""
+    pos = client.get("data_pos")
+    if not isinstance(pos, dict) or "epoch" not in pos:
+        raise KeyError("data_pos")
+    if "samples" in pos:
+        return int(pos["epoch"]), int(pos["samples"])
+    batch = int(((client.get("config") or {}).get("train") or {}).get("batch_size", 1))
+    return int(pos["epoch"]), int(pos["consumed"]) * batch * int(client.get("world_size") or 1)
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of a rank that resumes without a saved stream (a resume onto more ranks than were saved)."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -74,6 +99,10 @@ class Trainer:
         self.best_step: int | None = None
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.scale_skips_in_a_row = 0
+        self.scale_skips_total = 0        # fp16 loss-scale back-offs: the step was not applied, nothing diverged
+        self.window: dict[str, float] = {}  # this rank's sums since the last train log line (kept in checkpoints)
+        self.n_window = 0
         self.sampler = ShardedSampler(len(train_set), self.info.rank, self.info.world_size, shuffle=True,
                                       seed=cfg.train.seed, drop_last=True, batch_size=cfg.train.batch_size)
 
@@ -82,7 +111,7 @@ class Trainer:
         tc, dc = self.cfg.train, self.cfg.data
         while True:
             self.sampler.set_epoch(self.pos.epoch)
-            self.sampler.set_start(self.pos.consumed * tc.batch_size)
+            self.sampler.set_start(self.pos.start)
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.pos.epoch)
             loader = make_batches(self.train_set, tc.batch_size, self.sampler, dc.loader, dc.num_workers,
@@ -93,15 +122,22 @@ class Trainer:
                 loader.set_epoch(self.pos.epoch)
             for batch in loader:
                 self.pos.consumed += 1
+                trace_samples(self.run_dir, self.info.rank, self.step, self.pos.epoch, batch.meta)
                 yield batch
-            self.pos = DataPosition(self.pos.epoch + 1, 0)
+            self.pos = DataPosition(self.pos.epoch + 1, 0, 0)
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict[str, Any]:
         # Every rank's RNG goes into the file (rank 0 writes it), so each rank resumes its own stream.
         rng_all = self.strategy.all_gather_object(capture_rng())
-        return {"step": self.step, "epoch": self.pos.epoch, "data_pos": vars(self.pos).copy(),
-                "rng_per_rank": rng_all, "world_size": self.info.world_size,
+        windows = self.strategy.all_gather_object({"sums": dict(self.window), "n": self.n_window})
+        samples = self.pos.start + self.pos.consumed * self.cfg.train.batch_size * self.info.world_size
+        return {"step": self.step, "epoch": self.pos.epoch,
+                "data_pos": {"epoch": self.pos.epoch, "samples": samples, "perm_seed": self.cfg.train.seed},
+                "rng_per_rank": rng_all, "world_size": self.info.world_size, "window_per_rank": windows,
+                "counters": {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row,
+                             "scale_skips_total": self.scale_skips_total,
+                             "scale_skips_in_a_row": self.scale_skips_in_a_row},
                 "criterion": self.criterion.state_dict(), "best_value": self.best_value,
                 "best_step": self.best_step, "config": self.cfg.to_dict(), "versions": versions(),
                 **(self.extra_state() if self.extra_state is not None else {})}
@@ -117,18 +153,43 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         client = self.strategy.load(path)
+        missing = [k for k in ("step", "data_pos", "criterion") if k not in client]
+        if missing:
+            raise KeyError(f"{path}: no training state in this checkpoint (missing {', '.join(missing)}); it holds "
+                           f"weights only: start from it with --resume-weights-only")
         self.step = int(client["step"])
-        self.pos = DataPosition(**client["data_pos"])
+        epoch, samples = saved_data_position(client)
+        self.pos = DataPosition(epoch, samples, 0)
         self.criterion.load_state_dict(client["criterion"])
         self.best_value, self.best_step = client.get("best_value"), client.get("best_step")
+        counters = client.get("counters") or {}
+        self.skipped_total = int(counters.get("skipped_total", 0))
+        self.skipped_in_a_row = int(counters.get("skipped_in_a_row", 0))
+        self.scale_skips_total = int(counters.get("scale_skips_total", 0))
+        self.scale_skips_in_a_row = int(counters.get("scale_skips_in_a_row", 0))
+        saved_world = int(client.get("world_size") or 1)
+        rank, world = self.info.rank, self.info.world_size
+        # the metrics window: this rank takes the saved ranks j with j % world == rank, so the all-reduced sums of
+        # the next train log line equal those of the uninterrupted run at any world size
+        self.window, self.n_window = {}, 0
+        for j, w in enumerate(client.get("window_per_rank") or []):
+            if j % world == rank:
+                for k, v in w["sums"].items():
+                    self.window[k] = self.window.get(k, 0.0) + v
+                self.n_window += int(w["n"])
         rngs = client.get("rng_per_rank") or []
-        if client.get("world_size") == self.info.world_size and self.info.rank < len(rngs):
-            restore_rng(rngs[self.info.rank])
+        if rank < len(rngs):
+            restore_rng(rngs[rank])
         else:
-            LOG.warning("%s: saved with world size %s, resuming with %s; RNG streams are re-seeded",
-                        path, client.get("world_size"), self.info.world_size)
-        LOG.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.pos.epoch,
-                 self.pos.consumed)
+            seed_everything(rank_seed(self.cfg.train.seed, rank, self.step))
+        if saved_world != world:
+            LOG.warning("%s: saved with world size %d, resuming with %d: the rest of epoch %d (from sample %d of "
+                        "%d) is re-sharded over %d ranks; %s", path, saved_world, world, epoch, samples,
+                        len(self.train_set), world,
+                        f"ranks {len(rngs)}..{world - 1} have no saved RNG stream and are seeded from "
+                        f"(train.seed, rank, step)" if world > len(rngs) else
+                        f"the RNG streams of ranks {world}..{saved_world - 1} are dropped")
+        LOG.info("resumed from %s at step %d (epoch %d, sample %d of the epoch)", path, self.step, epoch, samples)
 
     def resume_weights_only(self, path: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -160,6 +221,19 @@ class Trainer:
             raise TrainingDiverged(msg + f"; {self.skipped_in_a_row} steps skipped in a row, giving up.")
         LOG.warning(msg + "; step skipped (train.nan_policy=skip)")
 
+    def _loss_scale_skip(self, skip: LossScaleSkip) -> None:
+        """fp16's scaler met inf/NaN gradients and lowered its scale: the step is not applied. Normal early in fp16
+        training (counted as loss_scale_skips in metrics.jsonl); only a long run of them in a row is a divergence."""
+        self.scale_skips_total += 1
+        self.scale_skips_in_a_row += 1
+        if self.scale_skips_in_a_row > MAX_LOSS_SCALE_SKIPS:
+            raise TrainingDiverged(
+                f"step {self.step}: fp16 gradients overflowed {self.scale_skips_in_a_row} steps in a row (loss scale "
+                f"now {skip.scale:g}); last good checkpoint: {find_latest(self.ckpt_dir) or 'none yet'}. Use "
+                f"train.precision=bf16 or fp32, or lower optim.lr.")
+        LOG.info("step %d: fp16 gradients overflowed; the loss scale backs off to %g and the step is skipped "
+                 "(%d so far)", self.step, skip.scale, self.scale_skips_total)
+
     def train_step(self, batches: Iterator[Batch]) -> dict[str, float] | None:
         self.model.train()
         self.criterion.train()
@@ -177,10 +251,14 @@ class Trainer:
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + v / accum
         grad_norm = self.strategy.step()
+        if isinstance(grad_norm, LossScaleSkip):
+            self._loss_scale_skip(grad_norm)
+            return None
         if grad_norm is None:
             self._handle_bad("gradient norm", "NaN/Inf gradients")
             return None
         self.skipped_in_a_row = 0
+        self.scale_skips_in_a_row = 0
         parts["grad_norm"] = grad_norm
         parts["lr"] = self.optimizer.param_groups[0]["lr"]
         return parts
@@ -194,6 +272,7 @@ class Trainer:
         return value > self.best_value if self.cfg.train.best_mode == "max" else value < self.best_value
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
+        inject_fault(self.step, self.info.rank, self.run_dir, "eval")
         metrics = self.evaluate_fn(self.model, self.step)
         logger.log(self.step, "val", metrics)
         # engine/run.py resolves "auto" from the task; a Trainer used on its own falls back to the validation loss
@@ -225,8 +304,16 @@ class Trainer:
         logger = RunLogger(self.run_dir, self.info.is_main, self.cfg.log.tensorboard, self.cfg.log.progress,
                            total_steps=tc.max_steps, initial_step=self.step)
         batches = self._micro_batches()
-        window: dict[str, float] = {}
-        n_window, t0, last_val = 0, time.perf_counter(), {}
+        t0, last_val = time.perf_counter(), {}
+        if resume_from is not None and self._eval_due(self.step):
+            # the checkpoint was written before this step's evaluation; a run killed during it has no figures
+            # for the step: evaluate again (every rank follows rank 0's metrics.jsonl)
+            missing = torch.tensor(0.0 if logger.has_row(self.step, "val") else 1.0)
+            if not self.info.is_main:
+                missing.zero_()
+            if float(self.strategy.all_reduce_max(missing)) > 0:
+                LOG.info("step %d: its evaluation did not finish before the run stopped; evaluating now", self.step)
+                last_val = self._evaluate(logger)
         samples_per_step = tc.batch_size * tc.grad_accum * self.info.world_size
         end = min(tc.max_steps, tc.stop_at_step) if tc.stop_at_step > 0 else tc.max_steps
         try:
@@ -235,15 +322,15 @@ class Trainer:
                 self.step += 1
                 if parts is not None:
                     for k, v in parts.items():
-                        window[k] = window.get(k, 0.0) + v
-                    n_window += 1
+                        self.window[k] = self.window.get(k, 0.0) + v
+                    self.n_window += 1
                     logger.progress(1, loss=parts["loss"], lr=parts["lr"])
                 else:
-                    logger.progress(1, skipped=self.skipped_total)
+                    logger.progress(1, skipped=self.skipped_total + self.scale_skips_total)
                 if self.step % tc.log_every == 0 or self.step == end:
-                    n = torch.tensor(float(n_window))
+                    n = torch.tensor(float(self.n_window))
                     sums = {k: self.strategy.all_reduce_sum(torch.tensor(v, dtype=torch.float64))
-                            for k, v in sorted(window.items())}
+                            for k, v in sorted(self.window.items())}
                     n_all = float(self.strategy.all_reduce_sum(n))
                     if n_all > 0:
                         dt = time.perf_counter() - t0
@@ -251,8 +338,9 @@ class Trainer:
                         record["samples_per_s"] = samples_per_step * (n_all / self.info.world_size) / max(dt, 1e-9)
                         record["epoch"] = self.pos.epoch
                         record["skipped_steps"] = self.skipped_total
+                        record["loss_scale_skips"] = self.scale_skips_total
                         logger.log(self.step, "train", record)
-                    window, n_window, t0 = {}, 0, time.perf_counter()
+                    self.window, self.n_window, t0 = {}, 0, time.perf_counter()
                 eval_due = self._eval_due(self.step)
                 if eval_due or self._ckpt_due(self.step):
                     self.save()                 # before evaluating: a failure there loses no training
@@ -266,7 +354,7 @@ class Trainer:
         finally:
             logger.close()
         return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,
-                "last_val": last_val, "skipped_steps": self.skipped_total}
+                "last_val": last_val, "skipped_steps": self.skipped_total, "loss_scale_skips": self.scale_skips_total}
 
 
 # ---------------------------------------------------------------------- fault injection (tests)

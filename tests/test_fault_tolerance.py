@@ -78,7 +78,7 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_result(tmp_path, pha
     assert "rank 1 kills itself after step 4" in proc.stderr
     assert "exitcode  : -9" in proc.stderr or "exitcode: -9" in proc.stderr      # SIGKILL reported by torchrun
     log = (run_dir / "train.log").read_text()
-    assert "resumed from" in log and "ckpt_step00000003.pt at step 3 (epoch 0, batch 3)" in log
+    assert "resumed from" in log and "ckpt_step00000003.pt at step 3 (epoch 0, sample 12 of the epoch)" in log
     assert "resumed from" not in (ref_dir / "train.log").read_text()
     _assert_same_run(run_dir, ref_dir)
 
@@ -111,7 +111,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one_loadable(tmp_path
 
     proc = run_single_node_script(run_dir, phantom, steps=6, ckpt_every=3, extra_args=STRATEGIES[strategy],
                                   extra_env={"MEDPOSE_FAULT_KILL_IN_SAVE": "6", "MEDPOSE_FAULT_RANK": str(rank)})
-    assert "ckpt_step00000003.pt at step 3 (epoch 0, batch 3)" in (run_dir / "train.log").read_text()
+    assert "ckpt_step00000003.pt at step 3 (epoch 0, sample 12 of the epoch)" in (run_dir / "train.log").read_text()
     _assert_same_run(run_dir, ref_dir)
     assert not list(ckpts.glob(".ckpt_step*.tmp"))
     if strategy != "ddp":
