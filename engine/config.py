@@ -221,7 +221,8 @@ class DeepSpeedConfig:
     offload_params: Literal["none", "cpu"] = "none"
     """Keep partitioned parameters in CPU memory; needs zero_stage = 3."""
     consolidate_on_save: bool = True
-    """Rank 0 also writes the consolidated fp32 weights into every checkpoint file (eval/predict/export read it)."""
+    """Rank 0 also writes the consolidated fp32 weights into every checkpoint file (medpose eval and predict read
+    them)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Rare DeepSpeed options, deep-merged last into the generated JSON (not the keys the engine derives)."""
 
