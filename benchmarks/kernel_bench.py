@@ -33,7 +33,8 @@ from kernels.heatmap_render import render_heatmaps, render_heatmaps_ref  # noqa:
 from kernels.soft_argmax import soft_argmax, soft_argmax_ref  # noqa: E402
 
 B = 8
-# MultiHipPoseNet at the published 384x512 input: 3 ResNet-50 experts -> E*C channels per level (SEEDS.md §1)
+# MultiHipPoseNet at the published 384x512 input: 3 ResNet-50 experts -> E*C channels per level
+# (docs/systems/hip_us_multihipposenet.md)
 GCT_SHAPES = [(B, 192, 192, 256), (B, 768, 96, 128), (B, 1536, 48, 64), (B, 3072, 24, 32), (B, 6144, 12, 16)]
 # heatmaps: MultiHipPoseNet (K=6 at 384x512), hourglass discs (K=11..17 at 64x64 / 256x128), a chip-filling batch
 HEAT_SHAPES = [(B, 6, 384, 512), (B, 17, 64, 64), (B, 11, 256, 128), (B, 17, 384, 512), (64, 17, 384, 512)]

@@ -1,7 +1,8 @@
 """Gaussian landmark heatmap targets: a numba kernel beside the numpy reference that defines them.
 
-Definition (unnormalised Gaussians, peak scaled as in SEEDS.md §1: sigma 7 px at 384x512, peak 255). For keypoint
-k at (kx, ky), visible, the value at pixel (x, y) (pixel centres at integer coordinates, data_pipelines/batch.py) is
+Definition (unnormalised Gaussians, peak scaled as in docs/systems/hip_us_multihipposenet.md: sigma 7 px at 384x512,
+peak 255). For keypoint k at (kx, ky), visible, the value at pixel (x, y) (pixel centres at integer coordinates,
+data_pipelines/batch.py) is
 
     peak * exp(-((x - kx)^2 + (y - ky)^2) / (2 sigma^2))   if |x - round(kx)| <= r and |y - round(ky)| <= r,
     0                                                       otherwise,

@@ -1,5 +1,5 @@
-"""Patient-grouped, class-stratified splits (SEEDS.md §1: 20 % of each class held out as a fixed test set,
-stratified 5-fold CV on the rest, type II oversampled x2 in training).
+"""Patient-grouped, class-stratified splits (docs/systems/hip_us_multihipposenet.md: 20 % of each class held out as a
+fixed test set, stratified 5-fold CV on the rest, type II oversampled x2 in training).
 
 A group (patient) never straddles two sides of a split: the published split was per image although patients have
 1-2 images, which leaks a patient's second image into the test side. A group is stratified under its majority label

@@ -1,8 +1,9 @@
 """Evaluation: predictions mapped back to the original image frame, metrics reduced from sums and counts.
 
-Segmentation is scored at the original resolution (SEEDS §1): the seg logits are resampled through the inverse of the
-sample's original→input matrix, then arg-maxed. Landmarks go through the same inverse; distances use the dataset's
-original pixel spacing. What is measured is the task's business (engine/tasks): this loop only feeds its accumulator.
+Segmentation is scored at the original resolution (docs/systems/hip_us_multihipposenet.md): the seg logits are resampled
+through the inverse of the sample's original→input matrix, then arg-maxed. Landmarks go through the same inverse;
+distances use the dataset's original pixel spacing. What is measured is the task's business (engine/tasks): this loop
+only feeds its accumulator.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ different numbers of images, landmarks or pixels, so no mean is ever taken befor
 the base class of every task's accumulator (engine/tasks/*/metrics.py); a part of one accumulator may be another
 (e.g. the landmark figures, engine/tasks/landmarks/metrics.py), whose sums then travel under "part.key".
 
-Conventions shared by the tasks (SEEDS.md §1, "Evaluation"):
+Conventions shared by the tasks (the hip-ultrasound evaluation of docs/systems/hip_us_multihipposenet.md, generalised):
 - Segmentation: confusion matrix with rows = truth, columns = prediction. IoU_c = TP/(TP+FP+FN) from the summed
   matrix (NaN for a class absent from truth and prediction over the whole split; means skip NaN). HD95 = 95th
   percentile of the symmetric surface distances (boundary pixels = mask minus its 4-connected erosion), only where

@@ -1,4 +1,5 @@
-"""`medpose pretrain`: contrastive self-supervised pre-training of any model's encoder (SEEDS.md §4, issue 7).
+"""`medpose pretrain`: contrastive self-supervised pre-training of any model's encoder
+(docs/systems/segmentation_zoo.md).
 
 Two views of every unlabelled training image (random resized crop with area 0.2-1, colour jitter 0.4, Gaussian
 blur, horizontal flip: the published view augmentations, applied on the device as tensors) go through the model up

@@ -1,4 +1,5 @@
-"""Per-call choice between a Triton kernel and its pure-torch reference (DESIGN.md "Kernels").
+"""Per-call choice between a Triton kernel and its pure-torch reference (README.md, "Kernels (Triton) and where targets
+are rendered").
 
 `impl` of every public op: "auto" (default), "triton" or "ref". The environment variable MEDPOSE_KERNELS
 (auto | triton | ref) overrides "auto" at call time, never at import time, so a test or a user can force either path

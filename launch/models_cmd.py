@@ -1,5 +1,6 @@
 """`medpose models` (every registered model with its parameter count) and `medpose models NAME` (one forward pass:
-output shapes, parameter count, approximate FLOPs) — the published zoo's "debug" mode (SEEDS.md §4)."""
+output shapes, parameter count, approximate FLOPs) — the published zoo's "debug" mode
+(docs/systems/segmentation_zoo.md)."""
 from __future__ import annotations
 
 import argparse

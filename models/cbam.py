@@ -1,10 +1,11 @@
-"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018), as used by the hip X-ray models (SEEDS.md §2).
+"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018), as used by the hip X-ray models
+(docs/systems/hip_xray_efficientnet.md).
 
     channel:  M_c = sigmoid(MLP(avgpool_hw(x)) + MLP(maxpool_hw(x)))          (B, C, 1, 1), x <- x * M_c
               MLP = Conv1x1(C -> C/r, no bias) -> ReLU -> Conv1x1(C/r -> C, no bias), shared by both pools
     spatial:  M_s = sigmoid(Conv7x7([mean_c(x), max_c(x)]))                   (B, 1, H, W), x <- x * M_s
 The spatial conv has no bias (as in the reference CBAM, whose conv is followed by a BatchNorm there; here the plain
-conv is what SEEDS describes). Parameters: 2 C (C/r) + 2 * 49, with C/r = max(C // r, 1).
+conv is what the published hip X-ray model uses). Parameters: 2 C (C/r) + 2 * 49, with C/r = max(C // r, 1).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""EfficientNet keypoint models for paediatric hip X-rays (SEEDS.md §2): coordinate regression, with CBAM, with
-multi-scale CBAM features, and a heatmap variant.
+"""EfficientNet keypoint models for paediatric hip X-rays (docs/systems/hip_xray_efficientnet.md): coordinate
+regression, with CBAM, with multi-scale CBAM features, and a heatmap variant.
 
 Backbones: any torchvision EfficientNet (`efficientnet_b0..b7`, `efficientnet_v2_s|m|l`; default
 `efficientnet_v2_m`, whose last three stages give the published 304, 512 and 1280 channels at stride 32, i.e. 7x7
@@ -189,7 +189,8 @@ class EfficientNetKpt(_CoordRegressor):
 
 class EfficientNetMSCBAM(_CoordRegressor):
     """Last `num_scales` stages, each -> own CBAM -> global average pool; concat -> LayerNorm -> Linear(., hidden)
-    -> GELU -> Dropout -> Linear(hidden, 2K) (SEEDS §2; the published model has no dropout: dropout=0)."""
+    -> GELU -> Dropout -> Linear(hidden, 2K) (docs/systems/hip_xray_efficientnet.md; the published model has no dropout:
+    dropout=0)."""
 
     def __init__(self, backbone: EfficientNetBackbone, num_keypoints: int, input_hw: tuple[int, int],
                  dropout: float, coords: str, num_scales: int = 3, hidden: int = 512, cbam_reduction: int = 16):

@@ -1,4 +1,5 @@
-"""Stacked hourglass with multi-level attention for intervertebral disc labelling (SEEDS.md §3), and its loss.
+"""Stacked hourglass with multi-level attention for intervertebral disc labelling
+(docs/systems/spine_disc_hourglass.md), and its loss.
 
 Network (Newell et al., "Stacked Hourglass Networks", ECCV 2016, pre-activation form; attention as in the
 published disc-labelling system):
@@ -12,7 +13,7 @@ published disc-labelling system):
          score conv;
   output every stack's heatmap upsampled bilinearly to the input size (x4).
 
-The second stem block is "residual 128" in SEEDS.md: a bottleneck whose *bottleneck width* is 128, i.e. 128 -> 256
+The second stem block is the publication's "residual 128": a bottleneck whose *bottleneck width* is 128, i.e. 128 -> 256
 channels (the pytorch-pose convention `_make_residual(block, planes=128)`), and the third is 256 -> F. Only this
 reading, with biased convolutions and in_channels = 3, reproduces the published sizes exactly: 6,727,062 parameters
 (6.73 M), 6,795,239 with attention (6.80 M), 9,969,394 with 3 stacks (9.97 M). A 128 -> 128 second block would give
@@ -195,9 +196,9 @@ def build_hourglass(num_stacks: int = 2, num_blocks: int = 1, num_features: int 
 
 
 class StackedHeatmapLoss(nn.Module):
-    """Sum over stacks of the visibility-weighted heatmap MSE 0.5 * mean((p v - g v)^2) (SEEDS.md §3), each stack's
-    heatmap against the same target at input resolution. Returns {"loss", "loss_stack0", ...}; parts detached.
-    Computed in float32 whatever the autocast dtype of the outputs."""
+    """Sum over stacks of the visibility-weighted heatmap MSE 0.5 * mean((p v - g v)^2)
+    (docs/systems/spine_disc_hourglass.md), each stack's heatmap against the same target at input resolution. Returns
+    {"loss", "loss_stack0", ...}; parts detached. Computed in float32 whatever the autocast dtype of the outputs."""
 
     def __init__(self, sigma_px: float | None = None, heatmap_peak: float = 1.0):
         super().__init__()

@@ -1,5 +1,5 @@
-"""MultiHipPoseNet losses (SEEDS.md §1): focal + soft Dice for segmentation, weighted heatmap MSE for landmarks,
-and task balancing by the coefficient of variation of the loss ratios (CoV-weighting).
+"""MultiHipPoseNet losses (docs/systems/hip_us_multihipposenet.md): focal + soft Dice for segmentation, weighted heatmap
+MSE for landmarks, and task balancing by the coefficient of variation of the loss ratios (CoV-weighting).
 
 All losses are computed in float32 whatever the autocast dtype of the outputs.
 """

@@ -1,4 +1,5 @@
-"""Losses of the hip X-ray keypoint models (SEEDS.md §2): coordinate regression and heatmap (+ soft-argmax).
+"""Losses of the hip X-ray keypoint models (docs/systems/hip_xray_efficientnet.md): coordinate regression and heatmap (+
+soft-argmax).
 
 Both follow the criterion contract: forward(outputs, targets) -> {"loss": scalar, parts...}; targets are
 Batch.targets() ({"kpts_px_BK2", "kpts_visible_BK", "heatmap_BKHW"?}). Only visible landmarks count; a batch with

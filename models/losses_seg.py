@@ -1,4 +1,4 @@
-"""Segmentation losses by name and their weighted sums from the config (SEEDS.md §4, issue 7).
+"""Segmentation losses by name and their weighted sums from the config (docs/systems/segmentation_zoo.md).
 
 Terms (p = softmax(logits), g = one-hot truth, sums over the batch and pixels per class, then a mean over classes):
   ce     F.cross_entropy, plain mean over pixels;

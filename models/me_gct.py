@@ -1,13 +1,13 @@
-"""ME-GCT: multi-expert gated channel transformation (MultiHipPoseNet, SEEDS.md §1).
+"""ME-GCT: multi-expert gated channel transformation (MultiHipPoseNet, docs/systems/hip_us_multihipposenet.md).
 
 At each encoder level the E experts' features are concatenated, every channel gets a data-dependent gain from a GCT
 gate (Yang et al., "Gated Channel Transformation for Visual Recognition", CVPR 2020), and a 1x1 conv + GroupNorm +
 ReLU fuses the E*C gated channels back to C.
 
 The gate is kernels/gct_gate.py: `gct_gate` (Triton on CUDA, its torch reference `gct_gate_ref` elsewhere; the
-reference is the specification written in SEEDS.md §1). Because the gate is a per-sample, per-channel scale, the
-1x1 fusion conv can absorb it (`gct_gate_conv1x1(route="fused")`, model.args.gct_fused): the gated (B, E*C, H, W)
-tensor is then never written. Gate-then-conv is the default: it measured faster on an H200.
+reference is the specification, docs/systems/hip_us_multihipposenet.md). Because the gate is a per-sample, per-channel
+scale, the 1x1 fusion conv can absorb it (`gct_gate_conv1x1(route="fused")`, model.args.gct_fused): the gated (B, E*C,
+H, W) tensor is then never written. Gate-then-conv is the default: it measured faster on an H200.
 """
 from __future__ import annotations
 

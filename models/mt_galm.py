@@ -1,4 +1,5 @@
-"""MT-GALM: multi-task graph adaptive learning over decoder channels (MultiHipPoseNet, SEEDS.md §1).
+"""MT-GALM: multi-task graph adaptive learning over decoder channels (MultiHipPoseNet,
+docs/systems/hip_us_multihipposenet.md).
 
 Graph. The nodes are the C channels of one decoder level. The adjacency is learned from node embeddings
 N1 (M x d) and N2 (d x M), randn init, as in Graph WaveNet (Wu et al., IJCAI 2019):

@@ -1,4 +1,5 @@
-"""MultiHipPoseNet: multi-expert encoder + ME-GCT + one UNet decoder per task + MT-GALM (SEEDS.md §1).
+"""MultiHipPoseNet: multi-expert encoder + ME-GCT + one UNet decoder per task + MT-GALM
+(docs/systems/hip_us_multihipposenet.md).
 
 Tasks: 0 = segmentation (num_classes logits), 1 = landmarks (num_keypoints heatmaps), both at input resolution.
 Published configuration: 3 ResNet-50-GN experts, width 64, shared fusion, weight-free MT-GALM -> 128.24 M parameters.
@@ -164,7 +165,7 @@ def build_multihipposenet(in_channels: int = 3, num_classes: int = 8, num_keypoi
                           fusion: str = "per_task", galm: str = "gcn", galm_embed_dim: int = 10, gn_groups: int = 32,
                           gct_eps: float = 1e-5, decoder_norm: str = "none", gct_fused: bool = False
                           ) -> MultiHipPoseNet:
-    """Config-friendly builder (plain values only); see MultiHipPoseNet and SEEDS.md §1."""
+    """Config-friendly builder (plain values only); see MultiHipPoseNet and docs/systems/hip_us_multihipposenet.md."""
     return MultiHipPoseNet(in_channels=in_channels, num_classes=num_classes, num_keypoints=num_keypoints,
                            num_experts=num_experts, expert_depth=expert_depth, width=width,
                            decoder_width=decoder_width, fusion=fusion, galm=galm, galm_embed_dim=galm_embed_dim,

@@ -1,4 +1,4 @@
-"""The model and loss registries (DESIGN.md: plain dicts, chosen by name from the config; no decorators).
+"""The model and loss registries (plain dicts, chosen by name from the config; no decorators).
 
 model.name -> builder(**model.args) -> nn.Module; model.criterion (default: model.name) -> loss class(**criterion_args).
 """

@@ -1,4 +1,5 @@
-"""ResNet "experts" with GroupNorm instead of BatchNorm (MultiHipPoseNet encoder, SEEDS.md §1).
+"""ResNet "experts" with GroupNorm instead of BatchNorm (MultiHipPoseNet encoder,
+docs/systems/hip_us_multihipposenet.md).
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016: basic blocks (ResNet-18/34) or bottleneck
 blocks with expansion 4 (ResNet-50). Every BatchNorm is a GroupNorm (Wu & He, ECCV 2018) because the published model

@@ -1,5 +1,5 @@
-"""Disc post-processing for the stacked hourglass (SEEDS.md §3): heatmap candidates, a mean-skeleton prior, and a
-decoder that picks one candidate (or none) per disc channel to match the prior.
+"""Disc post-processing for the stacked hourglass (docs/systems/spine_disc_hourglass.md): heatmap candidates, a
+mean-skeleton prior, and a decoder that picks one candidate (or none) per disc channel to match the prior.
 
 Coordinates are (x, y) pixels of the heatmap (x = column, y = row, pixel centres at integers); the hourglass
 heatmaps are at network-input resolution, so decoded points are network-input pixels.

@@ -2,10 +2,11 @@
 
 Encoder: a double-conv block (Conv3x3 -> norm -> ReLU, twice) at full resolution with `width` channels, then `depth`
 times MaxPool 2x2 + double conv doubling the channels (width * 2^l at level l). Decoder: per level, bilinear x2
-upsampling (align_corners=True, like MultiHipPoseNet's decoder, SEEDS.md §1), concatenation with the encoder's skip
-of that level, and a double conv back to the skip's channel count. Two 1x1-conv heads read the full-resolution
-decoder feature: "seg_logits_BCHW" (num_classes) and "heatmap_BKHW" (num_keypoints), both at input resolution, so
-models/losses.py MultiHipPoseCriterion(num_classes, class_weights) trains it as it trains MultiHipPoseNet.
+upsampling (align_corners=True, like MultiHipPoseNet's decoder, docs/systems/hip_us_multihipposenet.md), concatenation
+with the encoder's skip of that level, and a double conv back to the skip's channel count. Two 1x1-conv heads read the
+full-resolution decoder feature: "seg_logits_BCHW" (num_classes) and "heatmap_BKHW" (num_keypoints), both at input
+resolution, so models/losses.py MultiHipPoseCriterion(num_classes, class_weights) trains it as it trains
+MultiHipPoseNet.
 
 Input H and W must be divisible by 2^depth. Norm: "gn" GroupNorm (gcd(8, C) groups: batch-size independent, the
 choice for small medical batches), "bn" BatchNorm, "none" (convs get a bias instead). Parameter count of one double

@@ -1,4 +1,4 @@
-"""A hand-made pelvis shared by the X-ray geometry and task tests (SEEDS.md §2 definitions)."""
+"""A hand-made pelvis shared by the X-ray geometry and task tests (definitions: engine/tasks/hip_xray/geometry.py)."""
 import numpy as np
 
 

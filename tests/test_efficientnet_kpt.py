@@ -1,5 +1,5 @@
 """EfficientNet keypoint models, CBAM and their losses (models/efficientnet_kpt.py, models/cbam.py,
-models/losses_kpt.py; SEEDS.md §2)."""
+models/losses_kpt.py; docs/systems/hip_xray_efficientnet.md)."""
 import math
 
 import pytest

@@ -12,7 +12,7 @@ def n_params(m: nn.Module) -> int:
 
 
 def test_published_parameter_counts():
-    # SEEDS.md §3: 6.73 M without attention, 6.80 M with, 9.97 M with 3 stacks (2 stacks / 1 block / 11 discs)
+    # published: 6.73 M without attention, 6.80 M with, 9.97 M with 3 stacks (2 stacks / 1 block / 11 discs)
     assert round(n_params(build_hourglass(attention=False)) / 1e6, 2) == 6.73
     assert round(n_params(build_hourglass()) / 1e6, 2) == 6.80
     assert round(n_params(build_hourglass(num_stacks=3)) / 1e6, 2) == 9.97

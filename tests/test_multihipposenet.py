@@ -20,7 +20,7 @@ def published():
 
 def test_published_configuration_parameter_count_and_output_shapes(published):
     # We get 128.165 M (experts 70.52 M + fusion 16.77 M + 2 decoders 40.85 M + graph embeddings 0.02 M);
-    # SEEDS.md: 128.24 M. Shapes on a small input here (they scale); the 384x512 check is the slow test below.
+    # published: 128.24 M. Shapes on a small input here (they scale); the 384x512 check is the slow test below.
     n = count_parameters(published)
     assert abs(n - 128.24e6) / 128.24e6 < 0.01, n
     assert sum(count_parameters(e) for e in published.experts) == pytest.approx(3 * 23.508e6, rel=1e-3)

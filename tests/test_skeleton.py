@@ -8,7 +8,7 @@ import torch
 from data_pipelines.heatmaps import render_heatmaps
 from models.skeleton import SkeletonPrior, decode_discs, fit_skeleton, heatmap_candidates, select_candidates
 
-SIGMA = math.sqrt(5.0)          # SEEDS.md §3: Gaussian with covariance 5 I
+SIGMA = math.sqrt(5.0)          # published: Gaussian with covariance 5 I
 HW = (224, 128)
 K = 11
 

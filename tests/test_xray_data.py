@@ -1,4 +1,5 @@
-"""Hip X-ray data side (SEEDS.md §2): the CSV format, its layout, the phantom and the reader Dataset/builder."""
+"""Hip X-ray data side (docs/systems/hip_xray_efficientnet.md): the CSV format, its layout, the phantom and the
+reader Dataset/builder."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""Hip X-ray geometry (engine/geometry_xray.py): acetabular index, IHDI local frame and grades (SEEDS.md §2)."""
+"""Hip X-ray geometry (engine/tasks/hip_xray/geometry.py): acetabular index, IHDI local frame and grades
+(docs/systems/hip_xray_efficientnet.md)."""
 import math
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_local_xy_and_grades_hand_computed():
     ((260.0, 120.0), (20.0, 20.0), 3),   # y = x exactly: not y > x -> III
     ((240.0, 100.0), (0.0, 0.0), 4),     # the H/P-line crossing: y <= 0 -> IV
     ((270.0, 110.0), (30.0, 10.0), 3),   # lateral of the D-line, below H -> III
-    ((230.0, 90.0), (-10.0, -10.0), 4),  # SEEDS-undefined quadrant (above H, medial to P): decided IV
+    ((230.0, 90.0), (-10.0, -10.0), 4),  # quadrant the publication leaves undefined (above H, medial to P): decided IV
     ((230.0, 100.0), (-10.0, 0.0), 4),   # y = 0 and medial: IV as well
     ((239.0, 101.0), (-1.0, 1.0), 1),    # just below and medial -> I
 ])

@@ -1,4 +1,5 @@
-"""labelme 5.x reader for landmark + segmentation annotations (the hip-ultrasound format of SEEDS.md §1).
+"""labelme 5.x reader for landmark + segmentation annotations (the hip-ultrasound format of
+docs/systems/hip_us_multihipposenet.md).
 
 A labelme JSON holds `version`, `flags`, `shapes`, `imagePath`, `imageData` (base64 of the image file, or null
 when the image lies beside the JSON), `imageHeight`, `imageWidth`; each shape has `label`, `points`, `shape_type`.
@@ -31,7 +32,8 @@ from data_pipelines.images import RGB_DECODERS, decode_rgb, open_image, source_n
 from data_pipelines.masks import polygon_mask, rasterize_polygons  # noqa: F401 (public names of the reader)
 
 # Structure names -> class ids (0 = background), point names -> landmark index, labels to skip.
-# Chinese strings are the published annotations' (SEEDS.md §1); English names are accepted beside them.
+# Chinese strings are the published annotations' (docs/systems/hip_us_multihipposenet.md); English names are accepted
+# beside them.
 HIP_LABELS: dict[str, Any] = {
     "classes": {
         "股骨头": 1, "大转子": 2, "盂唇": 3, "软骨性髋臼顶": 4, "滑膜皱襞": 5, "近端软骨膜": 6, "Y型软骨": 7,

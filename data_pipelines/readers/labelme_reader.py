@@ -8,9 +8,9 @@ Which labels (reader_args.labels):
   auto (default)  discovered from the files: point labels become the landmarks in the order they first appear
                   (files sorted by path, shapes in file order), polygon labels the mask classes likewise; a landmark
                   absent from a file is "not labelled" there. A folder whose labels are exactly the published hip
-                  set (SEEDS: 6 points, 7 structures, Chinese or English names) reads as the hip set, in its order,
-                  with every point and structure required. What was found is logged (`medpose data inspect` shows
-                  it too);
+                  set (docs/systems/hip_us_multihipposenet.md: 6 points, 7 structures, Chinese or English names) reads
+                  as the hip set, in its order, with every point and structure required. What was found is logged
+                  (`medpose data inspect` shows it too);
   hip             the published hip label map (data_pipelines/readers/labelme.py: HIP_LABELS);
   {points: [..], classes: [..], ignore: [..]}
                   exactly these names (case-insensitive), in this order; any other label is an error naming the

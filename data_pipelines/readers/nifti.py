@@ -1,4 +1,5 @@
-"""NIfTI volumes and point-label volumes -> the 2-D mid-sagittal image of the disc-labelling task (SEEDS.md §3).
+"""NIfTI volumes and point-label volumes -> the 2-D mid-sagittal image of the disc-labelling task
+(docs/systems/spine_disc_hourglass.md).
 
 Canonical orientation: every volume is reoriented to **RAS** with nibabel's orientation transforms (array axis 0 runs
 towards Right, axis 1 towards Anterior, axis 2 towards Superior), whatever its stored orientation (PSR, LPI, ...).

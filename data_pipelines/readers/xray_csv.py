@@ -1,4 +1,5 @@
-"""The published hip X-ray annotation format (SEEDS.md §2): one CSV per image, 12 landmarks, and its folder layout.
+"""The published hip X-ray annotation format (docs/systems/hip_xray_efficientnet.md): one CSV per image, 12 landmarks,
+and its folder layout.
 
 Annotation: `<name>.csv` beside the image's `<name>.png|jpg` (in `annotations/` vs `images/`), ONE line of 12 quoted
 integer tuples in original pixels, x right, y down (data_pipelines/batch.py convention):

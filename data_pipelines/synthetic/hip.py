@@ -1,4 +1,5 @@
-"""Synthetic infant-hip ultrasound phantom: the embedded default dataset of the hip task (SEEDS.md §1).
+"""Synthetic infant-hip ultrasound phantom: the embedded default dataset of the hip task
+(docs/systems/hip_us_multihipposenet.md).
 
 Geometry (local frame, reference pixels of a 240x320 image, femoral-head centre at the origin, x right, y down =
 depth; the skin/probe is at the top, cranial to the left - the unrotated Graf coronal view):
@@ -82,7 +83,8 @@ def acute_angle_deg(a1, a2, b1, b2) -> float:
 
 
 def graf_angles_deg(kpts_K2: np.ndarray) -> tuple[float, float]:
-    """(alpha, beta): alpha = angle(P3-P5, P1-P2), beta = angle(P4-P6, P1-P2) (SEEDS.md §1)."""
+    """(alpha, beta): alpha = angle(P3-P5, P1-P2), beta = angle(P4-P6, P1-P2)
+    (docs/systems/hip_us_multihipposenet.md)."""
     p = np.asarray(kpts_K2, dtype=np.float64)
     return acute_angle_deg(p[2], p[4], p[0], p[1]), acute_angle_deg(p[3], p[5], p[0], p[1])
 

@@ -1,6 +1,7 @@
-"""Synthetic paediatric AP-pelvis X-ray phantom: the embedded default dataset of the hip X-ray task (SEEDS.md §2).
+"""Synthetic paediatric AP-pelvis X-ray phantom: the embedded default dataset of the hip X-ray task
+(docs/systems/hip_xray_efficientnet.md).
 
-The 12 landmarks are built from DESIGN values, so the truth of every derived quantity is known:
+The 12 landmarks are built from design values, so the truth of every derived quantity is known:
 - per hip an acetabular index AI ~ U(10, 40) deg and an IHDI grade (I 72 %, II 16 %, III 7 %, IV 5 %);
 - geometry in a pelvis frame (reference units: pixels of a 256-px image, y down), Hilgenreiner (H) line horizontal
   at y = Y_H, triradiate points p3 = (-T, Y_H), p7 = (T, Y_H); a roof of length L leaves each triradiate point
@@ -14,8 +15,9 @@ The 12 landmarks are built from DESIGN values, so the truth of every derived qua
   p4 / p6 are the medial / lateral corners of the metaphysis (a physis line of width 0.45 L through h, tilted by
   U(-12, 12) deg) and p5 the centre of the femoral-head ossification disc just above the physis.
 A per-image pose (rotation +-8 deg, scale 0.92-1.08, shift +-3 %) moves the pelvis rigidly (AI and grade invariant).
-After rounding the points to integers (the published CSV format), AI and grade are recomputed with the SEEDS
-formulas; a pose whose rounded points move an AI by >= 0.5 deg, change a grade or leave the image is redrawn.
+After rounding the points to integers (the published CSV format), AI and grade are recomputed with the published
+formulas (engine/tasks/hip_xray/geometry.py); a pose whose rounded points move an AI by >= 0.5 deg, change a grade or
+leave the image is redrawn.
 
 Image: additive attenuation of soft tissue, iliac wings with bright acetabular roofs (sourcil bands), sacrum,
 ischio-pubic bones with obturator foramina, triradiate gaps, femoral metaphyses/shafts with cortices and head
@@ -62,7 +64,8 @@ class XrayPhantom:
 
 
 def ai_and_grades(kpts_K2: np.ndarray) -> tuple[float, float, int, int]:
-    """(AI_left, AI_right, grade_left, grade_right) by the SEEDS §2 formulas (the generator's own check)."""
+    """(AI_left, AI_right, grade_left, grade_right) by the published formulas (docs/systems/hip_xray_efficientnet.md;
+    the generator's own check)."""
     k = np.asarray(kpts_K2, dtype=np.float64)
 
     def angle(a, b):

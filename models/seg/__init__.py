@@ -1,4 +1,4 @@
-"""The segmentation model zoo (SEEDS.md §4, issue 7): every network by name, built the same way.
+"""The segmentation model zoo (docs/systems/segmentation_zoo.md): every network by name, built the same way.
 
 `SEG_SPECS` maps a name to its `SegSpec` (builder, input multiple, source library, paper). `build_seg_model(name,
 in_channels, num_classes, stn=False, weights=None, **arch_kwargs)` builds one, optionally behind the spatial

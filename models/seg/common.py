@@ -1,4 +1,4 @@
-"""Conventions shared by the segmentation model zoo (SEEDS.md §4, issue 7).
+"""Conventions shared by the segmentation model zoo (docs/systems/segmentation_zoo.md).
 
 Every zoo model is registered as a `SegSpec` and built by `spec.build(in_channels, num_classes, **arch_kwargs)`.
 Its forward takes `image_BCHW` (float, any H, W that are multiples of `spec.multiple`) and returns a dict:
@@ -65,14 +65,12 @@ def check_input(image_BCHW: torch.Tensor, multiple: int, where: str) -> None:
 
 def read_state_dict(path: str | Path, what: str, entries: Sequence[str] = ("model",)) -> dict[str, torch.Tensor]:
     """The state_dict in a local torch file: the file itself, or its first entry of `entries` that is a mapping
-    (e.g. an engine checkpoint's "model"). Errors name the file and `what` it was given as (the config field)."""
+    (e.g. an engine checkpoint's "model"). Errors name the file and `what` it was given as (the config field).
+    The file is read with the weights-only unpickler (engine.checkpoint.safe_torch_load): one holding other Python
+    objects is refused (a CheckpointError naming the opt-out, MEDPOSE_TRUST_CHECKPOINTS=1) and runs no code."""
+    from engine.checkpoint import safe_torch_load
+    state = safe_torch_load(path, what)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: {what} is not a readable torch file ({e})") from None
     for key in entries:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

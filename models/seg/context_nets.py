@@ -1,4 +1,4 @@
-"""Context/attention segmentation networks of the MedPose zoo (SEEDS.md §4, issue 7), part 2 of 2.
+"""Context/attention segmentation networks of the MedPose zoo (docs/systems/segmentation_zoo.md), part 2 of 2.
 
 All but LRF-EANet sit on the shared dilated ResNet (models/seg/encoder_nets.py `DilatedResNet`, output stride 8,
 resnet50 by default; `backbone="resnet18"` for small builds) and end in a 1x1 classifier whose logits are bilinearly

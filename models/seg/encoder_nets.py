@@ -1,4 +1,4 @@
-"""Encoder/backbone-based segmentation networks of the MedPose zoo (SEEDS.md §4, issue 7), part 1 of 2.
+"""Encoder/backbone-based segmentation networks of the MedPose zoo (docs/systems/segmentation_zoo.md), part 1 of 2.
 
 Models here (name -> reference):
   "deeplabv3plus": smp.DeepLabV3Plus, ResNet-34 encoder, output stride 16 (Chen et al., ECCV 2018).

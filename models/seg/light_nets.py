@@ -1,4 +1,4 @@
-"""HarDNet, HarDNet-MSEG, CE-Net and LightNet for the segmentation zoo (SEEDS.md §4).
+"""HarDNet, HarDNet-MSEG, CE-Net and LightNet for the segmentation zoo (docs/systems/segmentation_zoo.md).
 
 * "hardnet": HarDNet-68 (Chao, Kao, Ruan, Huang, Lin, "HarDNet: a low memory traffic network", ICCV 2019) read as a
   segmentation encoder-decoder in the FC-HarDNet style of the same paper: the HarDNet-68 encoder (stem
@@ -21,7 +21,7 @@
   and one 1x1 conv (x + sum of ReLU branches). RMP: max-pooling with kernels 2, 3, 5, 6 (kernel clamped to the map
   size when the 1/32 map is smaller; the paper's 448-pixel inputs never hit that), a shared 1x1 conv to one channel
   each, upsampled and concatenated with the input (512 + 4 channels).
-* "lightnet": the SEEDS zoo lists a "LightNet" whose source is unavailable; this is MedPose's reading: a
+* "lightnet": the published zoo lists a "LightNet" whose source is unavailable; this is MedPose's reading: a
   MobileNetV2 inverted-residual encoder (torchvision.models.mobilenet_v2(weights=None).features; Sandler et al.,
   CVPR 2018) with a light FPN-style decoder: 1x1 laterals (Conv + BN + ReLU) to `dec_ch` channels at 1/32, 1/16,
   1/8, 1/4 and 1/2, top-down upsample-and-add, one depthwise-separable 3x3 block after each addition and a 1x1
@@ -355,7 +355,7 @@ class DSConv(nn.Sequential):
 
 
 class LightNet(nn.Module):
-    """MedPose's reading of the SEEDS "LightNet": MobileNetV2 encoder + light FPN-style decoder."""
+    """MedPose's reading of the published zoo's "LightNet": MobileNetV2 encoder + light FPN-style decoder."""
 
     # slices of torchvision's mobilenet_v2().features ending at strides 2, 4, 8, 16, 32
     CUTS = ((0, 2), (2, 4), (4, 7), (7, 14), (14, 19))
@@ -422,6 +422,6 @@ SPECS_LIGHT: dict[str, SegSpec] = {
                      "Gu et al., CE-Net: context encoder network for 2D medical image segmentation, IEEE TMI 2019",
                      {"backbone": "resnet34"}),
     "lightnet": SegSpec("lightnet", build_lightnet, MULTIPLE, "torchvision",
-                        "MedPose's reading of SEEDS 'LightNet': MobileNetV2 (Sandler et al., CVPR 2018) encoder + "
+                        "MedPose's reading of the zoo's 'LightNet': MobileNetV2 (Sandler et al., CVPR 2018) encoder + "
                         "light FPN-style decoder", {"width_mult": 1.0, "dec_ch": 64}),
 }

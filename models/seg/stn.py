@@ -1,5 +1,5 @@
-"""Spatial-transformer front-end for the segmentation zoo (SEEDS.md §4; Jaderberg et al., "Spatial Transformer
-Networks", NeurIPS 2015).
+"""Spatial-transformer front-end for the segmentation zoo (docs/systems/segmentation_zoo.md; Jaderberg et al., "Spatial
+Transformer Networks", NeurIPS 2015).
 
 `SpatialTransformer(in_channels)`: localisation net 4 x [Conv3x3 + BatchNorm + ReLU] with channels
 in_channels -> 8 -> 16 -> 32 -> 64, adaptive average pooling to 2x2 (64 * 4 = 256 features), Linear 256 -> 32,

@@ -1,4 +1,4 @@
-"""U²-Net and U²-Net† ("u2net", "u2net_small") for the segmentation zoo (SEEDS.md §4).
+"""U²-Net and U²-Net† ("u2net", "u2net_small") for the segmentation zoo (docs/systems/segmentation_zoo.md).
 
 Qin, Zhang, Huang, Dehghan, Zaiane, Jagersand, "U²-Net: Going deeper with nested U-structure for salient object
 detection", Pattern Recognition 106 (2020). Written here from the paper's description:

@@ -1,6 +1,6 @@
-"""UNet-family segmentation networks of the zoo, part 1 (SEEDS.md §4): "unet", "segnet", "attention_unet",
-"unet_pp", "unet3p", "simple_unet". Part 2 (dense_unet, r2unet, r2_attention_unet, multiresunet, onenet, csnet) is
-models/seg/unet_variants.py, which reuses the blocks and the generic encoder-decoder defined here.
+"""UNet-family segmentation networks of the zoo, part 1 (docs/systems/segmentation_zoo.md): "unet", "segnet",
+"attention_unet", "unet_pp", "unet3p", "simple_unet". Part 2 (dense_unet, r2unet, r2_attention_unet, multiresunet,
+onenet, csnet) is models/seg/unet_variants.py, which reuses the blocks and the generic encoder-decoder defined here.
 
 All written here from the papers' descriptions (no pretrained weights):
 * "unet" -- Ronneberger, Fischer, Brox, "U-Net: Convolutional networks for biomedical image segmentation",
@@ -25,7 +25,8 @@ All written here from the papers' descriptions (no pretrained weights):
   the same-scale encoder map, deeper decoder maps (and the bottleneck) bilinearly upsampled, each through a
   Conv3x3 (64 channels) + BN + ReLU; the 5 x 64 = 320 channels are fused by Conv3x3 (320) + BN + ReLU; the head is
   a 3x3 conv. deep_supervision=True adds 3x3-conv side outputs on the deeper decoder stages and the bottleneck.
-* "simple_unet" -- a small plain UNet (SEEDS "SimpleUNet"): the "unet" recipe with 3 poolings and widths 32..256.
+* "simple_unet" -- a small plain UNet (the published zoo's "SimpleUNet"): the "unet" recipe with 3 poolings and widths
+  32..256.
 
 Every conv followed by BN has no bias. Inputs must have H, W divisible by `SegSpec.multiple` (2^poolings).
 """
@@ -326,7 +327,7 @@ _P = {
     "attention_unet": "Oktay et al., Attention U-Net, MIDL 2018",
     "unet_pp": "Zhou et al., UNet++, DLMIA 2018",
     "unet3p": "Huang et al., UNet 3+, ICASSP 2020",
-    "simple_unet": "SimpleUNet (SEEDS §4): small plain U-Net after Ronneberger et al. 2015",
+    "simple_unet": "SimpleUNet of the published zoo: small plain U-Net after Ronneberger et al. 2015",
 }
 
 SPECS_UNET_FAMILY: dict[str, SegSpec] = {

@@ -1,6 +1,7 @@
-"""UNet-family segmentation networks of the zoo, part 2 (SEEDS.md §4): "dense_unet", "r2unet", "r2_attention_unet",
-"multiresunet", "onenet", "csnet". Part 1 and the generic encoder-decoder (`EncoderDecoder`: 2x2 max-pooling,
-skip concatenation, 1x1 head) are in models/seg/unet_family.py. All written here from the papers' descriptions:
+"""UNet-family segmentation networks of the zoo, part 2 (docs/systems/segmentation_zoo.md): "dense_unet", "r2unet",
+"r2_attention_unet", "multiresunet", "onenet", "csnet". Part 1 and the generic encoder-decoder (`EncoderDecoder`: 2x2
+max-pooling, skip concatenation, 1x1 head) are in models/seg/unet_family.py. All written here from the papers'
+descriptions:
 
 * "dense_unet" -- a UNet whose encoder and decoder blocks are dense blocks, after the 2D reading of Li et al.,
   "H-DenseUNet: Hybrid densely connected UNet for liver and tumor segmentation from CT volumes", IEEE TMI 2018
@@ -19,8 +20,8 @@ skip concatenation, 1x1 head) are in models/seg/unet_family.py. All written here
   shortcut, ReLU, BN. Res paths of length 4, 3, 2, 1 (each unit: Conv3x3-BN-ReLU + Conv1x1-BN shortcut, ReLU, BN).
   U = 32, 64, 128, 256, 512; 2x2 transposed-conv upsampling to U; 1x1 head. The paper's 2D model has 7,262,875
   parameters (Keras count, BN without scale and with its moving statistics).
-* "onenet" -- "OneNet (light UNet)" of SEEDS §4. The original source is unavailable, so this is MedPose's reading:
-  a light UNet (4 poolings, widths 16..256) whose blocks are two MobileNet-style depthwise-separable convs
+* "onenet" -- "OneNet (light UNet)" of the published zoo. The original source is unavailable, so this is MedPose's
+  reading: a light UNet (4 poolings, widths 16..256) whose blocks are two MobileNet-style depthwise-separable convs
   (depthwise Conv3x3 + BN + ReLU, pointwise Conv1x1 + BN + ReLU); the first block starts with a full Conv3x3
   (as MobileNet's stem); parameter-free bilinear x2 upsampling.
 * "csnet" -- Mou et al., "CS-Net: Channel and spatial attention network for curvilinear structure segmentation",
@@ -294,7 +295,7 @@ _P = {
     "r2unet": "Alom et al., R2U-Net, arXiv:1802.06955 (2018)",
     "r2_attention_unet": "Alom et al. 2018 (R2U-Net) + Oktay et al. 2018 (attention gates)",
     "multiresunet": "Ibtehaz & Rahman, MultiResUNet, Neural Networks 2020",
-    "onenet": "OneNet (light UNet), SEEDS §4; MedPose's reading (source unavailable)",
+    "onenet": "OneNet (light UNet) of the published zoo; MedPose's reading (source unavailable)",
     "csnet": "Mou et al., CS-Net, MICCAI 2019",
 }
 

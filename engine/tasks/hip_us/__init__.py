@@ -1,4 +1,4 @@
-"""Hip ultrasound task (SEEDS.md §1): Graf geometry, the hip accumulator, its figures."""
+"""Hip ultrasound task (docs/systems/hip_us_multihipposenet.md): Graf geometry, the hip accumulator, its figures."""
 from .metrics import MetricAccumulator
 from .task import HipUltrasoundTask
 

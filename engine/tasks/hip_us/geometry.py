@@ -1,7 +1,8 @@
 """Graf hip-ultrasound geometry: the acute angle between two lines, the alpha/beta angles, the screening type.
 
-Landmark order (SEEDS.md §1): P1 baseline point, P2 bony rim point, P3 lower limb of the os ilium, P4 labrum
-centre, P5 peak of the acetabular prominence, P6 echo-loss point. Points are (x, y) pixels (data_pipelines/batch.py).
+Landmark order (docs/systems/hip_us_multihipposenet.md): P1 baseline point, P2 bony rim point, P3 lower limb of the os
+ilium, P4 labrum centre, P5 peak of the acetabular prominence, P6 echo-loss point. Points are (x, y) pixels
+(data_pipelines/batch.py).
 
     alpha = acute angle between the bony roof line P3-P5 and the baseline P1-P2
     beta  = acute angle between the cartilage roof line P4-P6 and the baseline P1-P2
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 GRAF_ALPHA_THRESHOLD_DEG = 60.0
-"""Graf screening rule: alpha below this is type II (SEEDS.md §1)."""
+"""Graf screening rule: alpha below this is type II (docs/systems/hip_us_multihipposenet.md)."""
 
 P1, P2, P3, P4, P5, P6 = range(6)
 """Indices of the six hip landmarks in a (..., 6, 2) array."""

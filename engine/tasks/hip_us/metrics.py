@@ -1,4 +1,5 @@
-"""Hip-ultrasound accumulator (SEEDS.md §1): 7-structure segmentation, 6 landmarks, Graf alpha/beta, screening.
+"""Hip-ultrasound accumulator (docs/systems/hip_us_multihipposenet.md): 7-structure segmentation, 6 landmarks, Graf
+alpha/beta, screening.
 
 Sums and counts only (engine/metrics.py explains why). Conventions:
 - Segmentation: confusion matrix with rows = truth, columns = prediction (IoU from the summed matrix, NaN for a class

@@ -1,5 +1,5 @@
-"""Figures of the hip-ultrasound task (SEEDS.md §1): the overlay with the Graf construction (baseline, bony and
-cartilage roof lines, alpha/beta and the type) and the alpha/beta agreement plots.
+"""Figures of the hip-ultrasound task (docs/systems/hip_us_multihipposenet.md): the overlay with the Graf construction
+(baseline, bony and cartilage roof lines, alpha/beta and the type) and the alpha/beta agreement plots.
 
 Matplotlib object API only (engine/plots.py: Figure + Agg, no pyplot). Every function writes one PNG and returns it.
 """

@@ -1,4 +1,5 @@
-"""Hip ultrasound (MultiHipPoseNet, SEEDS.md §1): 7-structure segmentation, 6 landmarks, Graf alpha/beta, screening.
+"""Hip ultrasound (MultiHipPoseNet, docs/systems/hip_us_multihipposenet.md): 7-structure segmentation, 6 landmarks, Graf
+alpha/beta, screening.
 
 The metrics are engine/tasks/hip_us/metrics.py's MetricAccumulator; this adapter feeds it one original-frame sample at a time and
 turns its records into the figures hip users look at (angle agreement, SDR curve, IoU per structure).

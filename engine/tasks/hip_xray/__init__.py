@@ -1,4 +1,5 @@
-"""Paediatric hip X-ray task (SEEDS.md §2): AI / IHDI geometry, the accumulator, its figures."""
+"""Paediatric hip X-ray task (docs/systems/hip_xray_efficientnet.md): AI / IHDI geometry, the accumulator, its
+figures."""
 from .metrics import HipXrayAccumulator
 from .task import HipXrayTask, confusion_from_records
 

@@ -1,4 +1,5 @@
-"""Paediatric AP pelvis X-ray geometry (SEEDS.md §2): acetabular index (AI) and IHDI grade of each hip.
+"""Paediatric AP pelvis X-ray geometry (docs/systems/hip_xray_efficientnet.md): acetabular index (AI) and IHDI grade of
+each hip.
 
 Landmarks p1..p12 are indices 0..11 of a (..., 12, 2) array of (x, y) pixels, x right, y down
 (data_pipelines/batch.py). Image-left hip: p1 lateral acetabular edge -> p3 medial (triradiate / Hilgenreiner point)
@@ -12,9 +13,9 @@ Acetabular index, degrees in [0, 180]:
 
 IHDI grade (International Hip Dysplasia Institute), per hip:
     u_h = unit(p7 - p3); u_p = (-u_h.y, u_h.x), u_h turned +90 deg in image coordinates. For every anatomically
-          ordered input (p7 to the right of p3) this is the perpendicular pointing image-down, as SEEDS states; taking
-          it as a fixed rotation of u_h (rather than "whichever perpendicular has y > 0") makes the grades invariant
-          to any rotation of the image, and mirror-consistent.
+          ordered input (p7 to the right of p3) this is the perpendicular pointing image-down, as the published
+          definition has it; taking it as a fixed rotation of u_h (rather than "whichever perpendicular has y > 0")
+          makes the grades invariant to any rotation of the image, and mirror-consistent.
     P-line origins o_l = proj_H(p1), o_r = proj_H(p9) (orthogonal projection onto the line through p3 along u_h);
     H-points h_l = (p4 + p6) / 2, h_r = (p10 + p12) / 2;
     local x = (h - o).u_h, y = (h - o).u_p; the left hip is mirrored (x_l = -x_l), so +x is lateral and +y is
@@ -22,10 +23,10 @@ IHDI grade (International Hip Dysplasia Institute), per hip:
     Grade: y <= 0                -> IV (at or above the H-line)
            y > 0 and x < 0       -> I  (below the H-line, medial to the P-line)
            y > 0 and x >= 0      -> II if y > x (medial to the 45-deg diagonal D-line) else III.
-    SEEDS leaves y <= 0 and x < 0 (above the H-line AND medial to the P-line) undefined. Here it is grade IV: the
-    IHDI paper (Narayanan et al., J Pediatr Orthop 2015) defines grade IV as "H-point superior to the H-line" with no
-    lateral condition, and such a point (anatomically the head inside the acetabular roof, so in practice a bad
-    prediction) should err towards the severe grade, not pass as normal. So grade IV <=> y <= 0.
+    The published definition leaves y <= 0 and x < 0 (above the H-line AND medial to the P-line) undefined. Here it is
+    grade IV: the IHDI paper (Narayanan et al., J Pediatr Orthop 2015) defines grade IV as "H-point superior to the
+    H-line" with no lateral condition, and such a point (anatomically the head inside the acetabular roof, so in
+    practice a bad prediction) should err towards the severe grade, not pass as normal. So grade IV <=> y <= 0.
     Grade 0 means undefined: a degenerate Hilgenreiner line (p3 == p7) or non-finite coordinates.
 
 Everything is vectorised numpy (float64) over any leading batch dims.

@@ -1,4 +1,5 @@
-"""Hip X-ray accumulator (SEEDS.md §2): 12 landmarks, acetabular index (AI) and IHDI grade of each hip.
+"""Hip X-ray accumulator (docs/systems/hip_xray_efficientnet.md): 12 landmarks, acetabular index (AI) and IHDI grade of
+each hip.
 
 Metrics, all from sums and counts (engine/metrics.py explains why), in the ORIGINAL image frame:
 - landmark error (engine/tasks/landmarks/metrics.py, shared by every task): Euclidean distance of visible landmarks

@@ -1,6 +1,6 @@
-"""Figures of the hip X-ray task (SEEDS.md §2): per-landmark and AI error bars, IHDI confusion matrices, AI agreement
-scatter plots, pixel-error vs angle-error scatter, and the per-image comparison (prediction vs truth with roof lines,
-Hilgenreiner line, Perkin lines, H-points, AI values and IHDI grades).
+"""Figures of the hip X-ray task (docs/systems/hip_xray_efficientnet.md): per-landmark and AI error bars, IHDI confusion
+matrices, AI agreement scatter plots, pixel-error vs angle-error scatter, and the per-image comparison (prediction vs
+truth with roof lines, Hilgenreiner line, Perkin lines, H-points, AI values and IHDI grades).
 
 Matplotlib object API only (engine/plots.py: Figure + Agg, no pyplot). Every function writes one PNG and returns it.
 """

@@ -1,4 +1,5 @@
-"""Paediatric hip X-ray task (SEEDS.md §2): 12 landmarks, acetabular index (AI) and IHDI grade of each hip.
+"""Paediatric hip X-ray task (docs/systems/hip_xray_efficientnet.md): 12 landmarks, acetabular index (AI) and IHDI grade
+of each hip.
 
 The figures are engine/tasks/hip_xray/metrics.py's (definitions there); this module draws them (per-landmark and AI
 error bars, IHDI confusion matrices, AI scatter plots, best / median / worst comparisons) and writes predict rows.

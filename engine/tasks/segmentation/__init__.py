@@ -1,4 +1,4 @@
-"""Generic multi-class segmentation task (SEEDS.md §4): the accumulator, contour overlays."""
+"""Generic multi-class segmentation task (docs/systems/segmentation_zoo.md): the accumulator, contour overlays."""
 from .metrics import SegAccumulator, dice_iou_from_confusion
 from .task import SegmentationTask
 

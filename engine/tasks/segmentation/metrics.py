@@ -1,4 +1,5 @@
-"""Segmentation accumulator (data.task=segmentation, SEEDS.md §4): confusion matrix, Dice / IoU, HD95.
+"""Segmentation accumulator (data.task=segmentation, docs/systems/segmentation_zoo.md): confusion matrix, Dice / IoU,
+HD95.
 
 Metrics, from sums that ranks all-reduce (engine/metrics.py):
   * the confusion matrix over the whole split (original frame): per class Dice 2TP / (2TP + FP + FN) and IoU

@@ -1,5 +1,5 @@
-"""Generic multi-class segmentation (the segmentation model zoo, SEEDS.md §4, issue 7): `data.task=segmentation`
-on any reader that gives masks (hc18, labelme hip, coco with masks).
+"""Generic multi-class segmentation (the segmentation model zoo, docs/systems/segmentation_zoo.md):
+`data.task=segmentation` on any reader that gives masks (hc18, labelme hip, coco with masks).
 
 Metrics, from sums that ranks all-reduce (engine/metrics.py):
   * the confusion matrix over the whole split (original frame): per class Dice 2TP / (2TP + FP + FN) and IoU
@@ -34,7 +34,7 @@ class SegmentationTask(Task):
     default_format = "hc18"
     needs_masks, needs_landmarks = True, False
     headline = ("dice", "miou", "dice_with_bg", "miou_with_bg", "hd95_mm")
-    best_metric = "miou"           # SEEDS §4: training keeps the best validation mIoU
+    best_metric = "miou"           # as the published zoo: training keeps the best validation mIoU
     best_mode = "max"
     shown = ("loss", "dice", "miou", "miou_with_bg")
 

@@ -1,4 +1,5 @@
-"""Intervertebral-disc labelling task (SEEDS.md §3): the accumulator, the skeleton-prior decoder, its figures."""
+"""Intervertebral-disc labelling task (docs/systems/spine_disc_hourglass.md): the accumulator, the skeleton-prior
+decoder, its figures."""
 from .metrics import SpineDiscAccumulator
 from .task import SpineDiscTask
 

@@ -1,4 +1,4 @@
-"""Disc-labelling accumulator (sagittal spine MRI, SEEDS.md §3).
+"""Disc-labelling accumulator (sagittal spine MRI, docs/systems/spine_disc_hourglass.md).
 
 Metrics, in millimetres of the ORIGINAL 2-D sagittal frame (data_pipelines/readers/nifti.py: x = anterior -> posterior
 columns, y = superior -> inferior rows; distance = sqrt((dx sx)^2 + (dy sy)^2) with spacing (sx, sy) mm/px).

@@ -1,4 +1,5 @@
-"""Figures of the disc-labelling task (SEEDS.md §3): sagittal overlays, per-disc DTT bars, FN / FP summary.
+"""Figures of the disc-labelling task (docs/systems/spine_disc_hourglass.md): sagittal overlays, per-disc DTT bars, FN /
+FP summary.
 
 Images are the 2-D mid-sagittal views of data_pipelines/readers/nifti.py (rows superior -> inferior, columns anterior ->
 posterior); points follow data_pipelines/batch.py ((x, y) = (column, row), pixel centres at integers). Pixels may be

@@ -1,4 +1,4 @@
-"""Intervertebral-disc labelling on sagittal spine MRI (stacked hourglass, SEEDS.md §3).
+"""Intervertebral-disc labelling on sagittal spine MRI (stacked hourglass, docs/systems/spine_disc_hourglass.md).
 
 The figures (DTT, FNR, FPR, PCK, matched MRE) are engine/tasks/spine_disc/metrics.py's, definitions there; this module
 fits the skeleton prior the decoder uses, draws the figures (engine/tasks/spine_disc/plots.py) and writes predict rows.
