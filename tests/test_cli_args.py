@@ -65,7 +65,7 @@ def test_train_command_gets_intermixed_overrides_and_flag(monkeypatch):
     import engine.run
     seen = {}
 
-    def fake_train(cfg, resume=None, final_test=True):
+    def fake_train(cfg, resume=None, final_test=True, **other):
         seen.update(cfg=cfg, resume=resume, final_test=final_test)
         return {"step": 0}
     monkeypatch.setattr(engine.run, "train", fake_train)
