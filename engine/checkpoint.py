@@ -4,11 +4,20 @@ A checkpoint is written to a temporary file in the same directory, flushed to di
 (rename is atomic on POSIX), then `latest` is re-pointed the same way. A kill at any moment therefore leaves either the
 previous complete checkpoint or the new one, never a truncated file behind `latest`; older checkpoints are removed only
 after the new one is complete.
+
+Loading never runs code from a file: every torch file a user names (a checkpoint for eval / predict / --resume, model
+weights, DeepSpeed shard folders) is read by torch's weights-only unpickler (`safe_torch_load`), which accepts
+tensors and plain containers only. What the engine saves is made of those alone (`plain_state`; the RNG states are
+stored as tuples, lists and tensors). A file holding other Python objects (a checkpoint written by an older MedPose
+kept numpy RNG arrays; a crafted file could hold anything) is refused with a CheckpointError naming the file and the
+opt-out: MEDPOSE_TRUST_CHECKPOINTS=1 loads it with the full unpickler — only for files whose origin you trust.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
+import pickle
 import platform
 import random
 import re
@@ -21,6 +30,15 @@ import numpy as np
 import torch
 
 CKPT_PATTERN = re.compile(r"^ckpt_step(\d+)\.pt$")
+
+TRUST_ENV = "MEDPOSE_TRUST_CHECKPOINTS"
+"""Set to 1 to load torch files with the full unpickler (can run code): only for files whose origin you trust."""
+
+log = logging.getLogger("medpose")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used: the message names the file and what to do."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,28 +142,147 @@ def resolve_resume(arg: str, run_dir: str | Path | None) -> Path | None:
     return p
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+def trust_checkpoints() -> bool:
+    """Whether MEDPOSE_TRUST_CHECKPOINTS asks for the full (code-running) unpickler."""
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The weights-only unpickler's own reason (e.g. "Unsupported global: GLOBAL posix.system ...") without torch's
+    advice to pass weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler error" in line), None)
+    if found is None:
+        return lines[0] if lines else type(err).__name__
+    found = found.split("WeightsUnpickler error: ", 1)[-1]
+    return found.split(". Please use", 1)[0].split(" was not an allowed global by default", 1)[0].rstrip(".")
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint", allow: tuple[type, ...] = (),
+                    mmap: bool = False) -> Any:
+    """torch.load(path) with the weights-only unpickler (tensors and plain containers; `allow`: a few more classes
+    known to be inert, e.g. DeepSpeed's loss scaler). A file that needs more is refused with a CheckpointError
+    naming it and the opt-out; a truncated or foreign file is a CheckpointError naming it. With
+    MEDPOSE_TRUST_CHECKPOINTS=1 the full unpickler is used (a warning names the file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    if trust_checkpoints():
+        log.warning("%s: loaded with the full unpickler (%s=1): it can run code stored in the file", path, TRUST_ENV)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {_first_line(e)})") from None
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
+    if mmap:
+        kwargs["mmap"] = True
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with _allowing((*_ALWAYS_ALLOWED, *allow)):
+            return torch.load(path, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load this {what}: it holds Python objects other than tensors and plain containers "
+            f"({_refusal_reason(e)}), and unpickling them could run code. If you trust where this file comes from "
+            f"(e.g. it was written by an older MedPose), load it with the environment variable {TRUST_ENV}=1"
+        ) from None
     except Exception as e:  # truncated / foreign file: say which file
-        raise RuntimeError(f"{path}: not a readable MedPose checkpoint ({type(e).__name__}: {e})") from e
+        if mmap and "mmap" in str(e):  # an old (non-zip) torch file cannot be memory-mapped: read it whole
+            return safe_torch_load(path, what, allow)
+        raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {_first_line(e)}); "
+                              f"truncated, or not a torch file") from None
+
+
+# torch.__version__ (a str subclass) as older MedPose versions and `medpose pretrain` stored it in "versions"
+_ALWAYS_ALLOWED: tuple[type, ...] = (torch.torch_version.TorchVersion,)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+class _allowing:
+    """Allow-list `classes` for the weights-only unpickler inside the block (torch >= 2.5: scoped; torch 2.4 has no
+    scoped form, so they stay allowed for the process — only inert classes are ever passed)."""
+
+    def __init__(self, classes: tuple[type, ...]):
+        self.classes = list(classes)
+        self.ctx = None
+
+    def __enter__(self):
+        if self.classes:
+            scoped = getattr(torch.serialization, "safe_globals", None)
+            if scoped is not None:
+                self.ctx = scoped(self.classes)
+                self.ctx.__enter__()
+            else:
+                torch.serialization.add_safe_globals(self.classes)
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file as a dict, read with the weights-only unpickler (`safe_torch_load`)."""
+    path = Path(path)
+    ckpt = safe_torch_load(path, "MedPose checkpoint")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a MedPose checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def plain_state(obj: Any) -> Any:
+    """`obj` with numpy arrays and scalars, paths and other leaves turned into what the weights-only unpickler reads:
+    tensors, lists, tuples, dicts, str, int, float, bool, None. What the engine writes into checkpoints goes through
+    it."""
+    if obj is None or isinstance(obj, (bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: plain_state(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(plain_state(v) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return [plain_state(v) for v in obj]
+    for kind in (bool, int, float, str):  # subclasses (torch's TorchVersion, enums) as the plain type
+        if isinstance(obj, kind):
+            return obj if type(obj) is kind else kind(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return [plain_state(v) for v in sorted(obj, key=repr)]
+    return obj  # anything else is kept as it is (and a weights-only load will name it)
 
 
 # ------------------------------------------------------------------ RNG and versions
 
 def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, tuples and numbers (readable by the weights-only unpickler): python's
+    random as its state tuple, numpy's legacy generator as (name, key as an int64 tensor, pos, has_gauss,
+    cached_gaussian), torch's (and CUDA's) as ByteTensors."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (str(name), torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what capture_rng captured (also the numpy arrays and lists of older checkpoints)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    key = key.numpy() if torch.is_tensor(key) else key
+    np.random.set_state((str(name), np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -158,7 +295,7 @@ def seed_everything(seed: int) -> None:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": str(torch.__version__),
            "numpy": np.__version__, "cuda": str(torch.version.cuda)}
     for dist_name in ("torchvision", "torch-geometric", "numba", "triton", "timm", "deepspeed",
                       "nvidia-dali-cuda130"):

@@ -33,7 +33,7 @@ def test_user_data_trains_reports_and_predicts(tmp_path, layout, k):
     saved = load_config(run / "config.yaml")
     assert saved.data.task == "landmarks" and saved.model.args["num_keypoints"] == k
     assert saved.model.args["in_channels"] == 1                      # grey images: one input channel
-    ckpt = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["client"]["data"]["info"]["kpt_names"] == list(names)
     report = json.loads((run / "report.json").read_text())
     splits = json.loads((run / "splits.json").read_text())

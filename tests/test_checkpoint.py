@@ -55,9 +55,10 @@ def test_a_fault_before_the_rename_leaves_the_old_file_in_place(tmp_path):
 
 
 def test_truncated_checkpoint_error_names_file(tmp_path):
+    from engine.checkpoint import CheckpointError
     p = tmp_path / "broken.pt"
     p.write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(RuntimeError, match="broken.pt"):
+    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable MedPose checkpoint .*truncated"):
         load_checkpoint_file(p)
 
 

@@ -213,7 +213,7 @@ def test_single_node_script_trains_two_ranks(tmp_path, phantom):
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt_step*.pt"))
     assert ckpts == ["ckpt_step00000002.pt", "ckpt_step00000003.pt"]
-    client = torch.load(tmp_path / "run" / "checkpoints" / ckpts[-1], weights_only=False)["client"]
+    client = torch.load(tmp_path / "run" / "checkpoints" / ckpts[-1], weights_only=True)["client"]
     assert client["step"] == 3 and client["world_size"] == 2 and len(client["rng_per_rank"]) == 2
     # 2 ranks x batch 2 x 3 steps: the first 12 samples of epoch 0's permutation are consumed
     assert {k: client["data_pos"][k] for k in ("epoch", "samples")} == {"epoch": 0, "samples": 12}

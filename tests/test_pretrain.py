@@ -70,7 +70,7 @@ def test_pretrain_then_fine_tune_from_the_encoder(tmp_path, hc18_root):
     assert [r["step"] for r in rows] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in rows)
     assert summary["chance_loss"] == pytest.approx(math.log(33))
     assert (out / "pretrain_loss.png").is_file()
-    saved = torch.load(out / "encoder.pt", weights_only=False)
+    saved = torch.load(out / "encoder.pt", weights_only=True)
     assert saved["layer"] == summary["layer"] and saved["model"] == "simple_unet"
     # the encoder moved away from its initialisation
     cfg = load_config(None, ["data.task=segmentation", "model.name=simple_unet",

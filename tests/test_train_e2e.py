@@ -141,8 +141,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, phantom_root):
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
-    a = torch.load(full_dir / "checkpoints" / "ckpt_step00000008.pt", weights_only=False)["model"]
-    b = torch.load(part_dir / "checkpoints" / "ckpt_step00000008.pt", weights_only=False)["model"]
+    a = torch.load(full_dir / "checkpoints" / "ckpt_step00000008.pt", weights_only=True)["model"]
+    b = torch.load(part_dir / "checkpoints" / "ckpt_step00000008.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
 
