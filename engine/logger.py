@@ -112,3 +112,21 @@ class RunLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def log_failure(exc: BaseException) -> Path | None:
+    """The full traceback of `exc`, its cause chain included, into the run's train.log (the file handlers of the
+    "medpose" logger, i.e. rank 0's) and not on the console; returns that file, or None when there is none. Once per
+    exception: a second call returns the same path, also kept as `exc.traceback_log` (the CLI's one-line error
+    says where the traceback is)."""
+    if getattr(exc, "traceback_log", None) is not None:
+        return exc.traceback_log
+    files = [h for h in LOG.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return None
+    record = LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, "failed: %s: %s", (type(exc).__name__, exc),
+                            (type(exc), exc, exc.__traceback__))
+    for handler in files:
+        handler.handle(record)
+    exc.traceback_log = Path(files[0].baseFilename)
+    return exc.traceback_log

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,15 @@ from data_pipelines.errors import DataError, OptionError
 from data_pipelines.records import DataInfo, Preprocess
 from models import CRITERIA, MODELS, build_criterion
 
-from .checkpoint import load_checkpoint_file, resolve_resume, seed_everything, versions
+from .checkpoint import CheckpointError, load_checkpoint_file, resolve_resume, seed_everything, versions
 from .config import Config, ConfigError, save_config
 from .dist import DistInfo, read_dist_info
 from .evaluate import evaluate_dataset
 from .fitting import check_fit, shape_model_by_data
-from .logger import LOG, setup_console_logging
+from .logger import LOG, log_failure, setup_console_logging
 from .plots import plot_training_curves
 from .report import write_report
-from .strategies import build_strategy
+from .strategies import build_strategy, check_resumable
 from .tasks import build_task
 from .trainer import Trainer
 
@@ -70,7 +71,9 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the `auto` fields from the task (data.format, train.best_metric / best_mode): the saved config is the
-    resolved one, so a checkpoint says exactly what ran."""
+    resolved one, so a checkpoint says exactly what ran. An unknown model.name (or model.args key) is a ConfigError
+    here, before any caller generates or reads data."""
+    check_model_args(cfg)
     task = build_task(cfg.data.task, cfg.eval.task_args)
     data = dataclasses.replace(cfg.data, format=task.default_format if cfg.data.format == "auto" else cfg.data.format)
     train = dataclasses.replace(
@@ -190,6 +193,11 @@ def make_criterion(cfg: Config) -> torch.nn.Module:
 
 def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
     """runs_root/name, or name-2, name-3 ... when it exists and this is a fresh run; rank 0 decides for all."""
+    return _make_run_dir(cfg, strategy, resuming)[0]
+
+
+def _make_run_dir(cfg: Config, strategy, resuming: bool) -> tuple[Path, bool]:
+    """(make_run_dir's directory, whether this launch created it — known on rank 0, False elsewhere)."""
     if cfg.log.run_dir:
         choice = Path(cfg.log.run_dir)
     else:
@@ -201,10 +209,83 @@ def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
                 choice = base.with_name(f"{base.name}-{k}")
                 k += 1
     choice = Path(strategy.all_gather_object(str(choice))[0])
+    created = False
     if strategy.info.is_main:
+        created = not choice.exists()
         (choice / "checkpoints").mkdir(parents=True, exist_ok=True)
     strategy.barrier()
-    return choice
+    return choice, created
+
+
+# What a launch writes into a new run directory before its first training step (nothing else is ever removed).
+SETUP_FILES = ("config.yaml", "versions.json", "train.log", "splits.json")
+
+
+def _named_error(exc: BaseException) -> bool:
+    """A bad config, argument, checkpoint or input file, whose one-line message is the whole story: a ConfigError,
+    OptionError, CheckpointError, DataError or FileNotFoundError whose explicit causes are value / OS errors too. Any
+    other cause (a TypeError, ZeroDivisionError ... raised in our own code and wrapped, e.g. by naming_file) is a
+    bug whose traceback train.log keeps."""
+    if not isinstance(exc, (ConfigError, OptionError, CheckpointError, DataError, FileNotFoundError)):
+        return False
+    seen: set[int] = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if not isinstance(cause, (ValueError, OSError)):
+            return False
+        cause = cause.__cause__
+    return True
+
+
+def discard_run_dir(run_dir: Path) -> bool:
+    """Rank 0, after a launch that created `run_dir` failed before its first training step: remove what it wrote
+    there (SETUP_FILES, the empty checkpoints folder) and the directory when nothing else is in it. A directory
+    holding any checkpoint is never touched. True when the directory is gone."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(run_dir.rglob("*.pt")):
+        return False
+    for h in list(LOG.handlers):  # this run's train.log: close it before its folder goes
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir:
+            LOG.removeHandler(h)
+            h.close()
+    for name in SETUP_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in (run_dir / "checkpoints" / "deepspeed", run_dir / "checkpoints", run_dir):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    return not run_dir.exists()
+
+
+def check_resume_file(path: Path, strategy) -> None:
+    """The --resume file can restore this run exactly (read with the weights-only unpickler, then
+    strategies.check_resumable): a CheckpointError naming the file and what is missing, before any data is made."""
+    check_resumable(path, load_checkpoint_file(path), strategy.name, strategy.info.world_size)
+
+
+def check_train_size(cfg: Config, data: dict[str, Any], world_size: int) -> None:
+    """At least one batch per rank in the training split (the sampler drops the tail that does not fill one)."""
+    n, need = len(data["train"]), cfg.train.batch_size * world_size
+    if n < need:
+        sizes = ", ".join(f"{split} {len(data[split])}" for split in ("train", "val", "test") if split in data)
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} with world size {world_size} needs at least "
+                          f"{need} samples in the training split, which has {n} (data.root={cfg.data.root}: "
+                          f"{sizes}); lower train.batch_size, launch fewer processes or add data")
+
+
+def load_start_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path, cfg: Config) -> None:
+    """--resume-weights-only: the weights of checkpoint `source` into the freshly built model, before the strategy
+    wraps it (so ZeRO's fp32 master copies start from them too)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{source}: its weights do not fit model.name={cfg.model.name} with this config's "
+                              f"model.args ({detail})") from None
+    LOG.info("--resume-weights-only: weights from %s; training starts at step 0 with a fresh optimizer and LR "
+             "schedule", source)
 
 
 def data_state(data: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -229,8 +310,19 @@ def check_evaluation(cfg: Config, task, strategy, data: dict, model, criterion, 
                           f"{split} split before training ({type(exc).__name__}: {exc}); nothing was trained") from exc
 
 
-def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> dict[str, Any]:
+def train(cfg: Config, resume: str | None = None, final_test: bool = True, resume_weights_only: bool = False
+          ) -> dict[str, Any]:
+    """Train cfg's run. resume: a checkpoint file, a run directory or "auto" (the latest checkpoint of this run's
+    directory, if any) to continue exactly — model, optimizer, LR schedule, data position, RNG; a file that cannot
+    (weights only, consolidated, another strategy's) is a CheckpointError that says so. resume_weights_only: take
+    only the model weights of `resume` (any strategy's checkpoint) and start a new run in a new directory at step 0
+    with a fresh optimizer, LR schedule and data order.
+
+    A launch that fails before its first training step removes the run directory it created, unless train.log holds
+    a traceback worth keeping (an error from our own code; _named_error); a directory with checkpoints stays."""
     t_start = time.time()
+    if resume_weights_only and not resume:
+        raise ConfigError("--resume-weights-only needs --resume PATH (the checkpoint whose weights to start from)")
     cfg, task, info = prepare(cfg)                   # every task / model / data check, before any data is made
     strategy = make_strategy(cfg)
     dist = strategy.info
@@ -238,7 +330,13 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     cfg = resolve_targets(cfg, dist.device)
-    run_dir = make_run_dir(cfg, strategy, resuming=resume is not None)
+    source = None
+    if resume_weights_only:  # `auto`: the latest checkpoint of the run directory this config names
+        source = resolve_resume(resume, cfg.log.run_dir or Path(cfg.log.runs_root) / cfg.log.name)
+        if source is None:
+            raise ConfigError(f"--resume {resume} --resume-weights-only: no checkpoint found to take the weights "
+                              f"from")
+    run_dir, created = _make_run_dir(cfg, strategy, resuming=resume is not None and not resume_weights_only)
     setup_console_logging(dist.rank, run_dir)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
@@ -247,10 +345,23 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
              "%d | device %s", run_dir, task.name, cfg.data.format, info.num_keypoints,
              f"{info.num_classes} classes" if info.class_names else "no masks", info.channels, cfg.model.name,
              strategy.name, dist.world_size, dist.device)
+    training = False
     try:
+        resume_path, start_weights = None, None
+        if resume and not resume_weights_only:
+            resume_path = resolve_resume(resume, run_dir)
+            if resume_path is not None:
+                check_resume_file(resume_path, strategy)
+        elif source is not None:                 # read (or merged from shards) before any data is made
+            from .consolidate import checkpoint_weights
+            start_weights = checkpoint_weights(source)
         data = build_data(cfg, run_dir, strategy, expect=info)
+        check_train_size(cfg, data, dist.world_size)
         task.fit(data["train"])
         model = build_model(cfg)
+        if start_weights is not None:
+            load_start_weights(model, start_weights, source, cfg)
+            del start_weights
         criterion = make_criterion(cfg)
         check_evaluation(cfg, task, strategy, data, model.to(dist.device), criterion.to(dist.device))
 
@@ -260,7 +371,7 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
         trainer = Trainer(cfg, strategy, model, criterion, data["train"], evaluate_fn, run_dir,
                           extra_state=lambda: {"task": task.state_dict(), "data": data_state(data, cfg)},
                           shown=task.shown)
-        resume_path = resolve_resume(resume, run_dir) if resume else None
+        training = True
         result = trainer.fit(resume_path)
         result["run_dir"] = str(run_dir)
         if dist.is_main:
@@ -275,6 +386,11 @@ def train(cfg: Config, resume: str | None = None, final_test: bool = True) -> di
                 "steps": result["step"], "wall_time_s": round(time.time() - t_start, 1)})
         strategy.barrier()
         return result
+    except Exception as exc:
+        discarded = not training and created and _named_error(exc) and discard_run_dir(run_dir)
+        if not discarded:
+            log_failure(exc)  # the traceback, cause chain included, stays in train.log
+        raise
     finally:
         strategy.close()
 
@@ -295,7 +411,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
     """`medpose eval`: the checkpoint's weights on the config's data; split test / val / train of the run's
     splits, or "all" (every sample of data.root scored, no splitting: a model scored on another dataset as a whole).
     Report + figures in out_dir."""
+    from .consolidate import checkpoint_weights
     ckpt = load_checkpoint_file(checkpoint)
+    weights = checkpoint_weights(checkpoint, ckpt)  # merged from DeepSpeed shards when the file holds none
     client = ckpt.get("client", {})
     cfg, task, info = prepare(cfg)
     saved = client.get("data", {}).get("info")
@@ -315,11 +433,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
         elif split != "all":
             task.fit(data["train"])
         model = build_model(cfg)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
         model.to(strategy.info.device)
         criterion = make_criterion(cfg).to(strategy.info.device)
         return held_out_report(cfg, task, strategy, data, model, criterion, out_dir, split,
                                extra={"checkpoint": str(checkpoint), "data_root": str(cfg.data.root)})
+    except Exception as exc:
+        log_failure(exc)  # the traceback, cause chain included, into out_dir/train.log
+        raise
     finally:
         strategy.close()
 
@@ -336,13 +457,15 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | None = Non
     Preprocess}) from any checkpoint file (weights only). Checkpoints written before the data state was kept get it
     from the config's data (data_pipelines.describe_data)."""
     from .config import load_config
+    from .consolidate import checkpoint_weights
     ckpt = load_checkpoint_file(checkpoint)
     client = ckpt.get("client", {})
     if "config" not in client:
         raise ConfigError(f"{checkpoint}: the checkpoint carries no resolved config")
     cfg = resolve_config(load_config(None, base=client["config"]))
+    weights = checkpoint_weights(checkpoint, ckpt)  # merged from DeepSpeed shards when the file holds none
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(weights)
     model.to(device or torch.device("cpu")).eval()
     task = build_task(cfg.data.task, cfg.eval.task_args)
     task.load_state_dict(client.get("task") or {})

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from .checkpoint import atomic_torch_save
+from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file, plain_state
 from .faults import save_fault_hook
 from .dist import DistInfo
 
@@ -130,19 +130,23 @@ class SingleStrategy:
         atomically; per-rank entries of client_state (e.g. RNG) must already be gathered by the caller."""
         state = self.state_dict() if self.info.is_main else None
         fault = save_fault_hook(path, client_state, self.info.rank)
-        if self.info.is_main:
-            atomic_torch_save({**state, "client": client_state}, path, before_publish=fault)
+        if self.info.is_main:  # plain containers only: the file loads with the weights-only unpickler
+            atomic_torch_save({**state, "client": plain_state(client_state)}, path, before_publish=fault)
         else:
             fault()
         self.barrier()
 
     def load(self, path: str | Path) -> dict[str, Any]:
-        """Collective: every rank reads the file and restores; returns the client state."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        """Collective: every rank reads the file (weights-only unpickler) and restores model, optimizer, scheduler
+        and scaler; returns the client state. A file that cannot restore all of them (weights only, consolidated,
+        DeepSpeed) is a CheckpointError naming what is missing (check_resumable)."""
+        path = Path(path)
+        ckpt = load_checkpoint_file(path)
+        check_resumable(path, ckpt, self.name, self.info.world_size)
         self.unwrap().load_state_dict(ckpt["model"])
-        if self.optimizer is not None and ckpt.get("optimizer") is not None:
+        if self.optimizer is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+        if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -214,6 +218,52 @@ class DDPStrategy(SingleStrategy):
     def close(self) -> None:
         if self._owns_group and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+WEIGHTS_ONLY_HINT = ("start a new run from its weights with --resume-weights-only (step 0, fresh optimizer and LR "
+                     "schedule)")
+
+
+def check_resumable(path: str | Path, ckpt: dict[str, Any], strategy: str, world_size: int) -> None:
+    """Whether checkpoint `ckpt` (read from `path`) can resume a run of `strategy` exactly: a CheckpointError that
+    names what is missing and the way out otherwise. single/ddp need the model, optimizer and scheduler states and
+    the training state (client); deepspeed needs a shard pointer written with the same number of processes."""
+    client = ckpt.get("client")
+    if not isinstance(client, dict) or "step" not in client or "data_pos" not in client:
+        raise CheckpointError(f"{path}: no training state (client) in this checkpoint — it is a weights-only/"
+                              f"consolidated file; use --resume-weights-only")
+    ds = ckpt.get("deepspeed")
+    if strategy == "deepspeed":
+        if not isinstance(ds, dict):
+            what = ("a consolidated file (merged weights, no optimizer state)" if ckpt.get("consolidated_from")
+                    else f"written by the {_writer(ckpt)} strategy")
+            raise CheckpointError(
+                f"{path}: {what}, it has no DeepSpeed shards (ZeRO-partitioned optimizer state) to resume a "
+                f"dist.strategy=deepspeed run from; resume it with the strategy that wrote it, or {WEIGHTS_ONLY_HINT}")
+        if ds.get("world_size") != world_size:
+            raise CheckpointError(
+                f"{path}: its DeepSpeed shards were written by {ds.get('world_size')} processes, this run has "
+                f"{world_size}; resume with {ds.get('world_size')} processes, or {WEIGHTS_ONLY_HINT}")
+        return
+    missing = [key for key in ("model", "optimizer", "scheduler") if not isinstance(ckpt.get(key), dict)]
+    if not missing:
+        return
+    what = ", ".join(missing)
+    if isinstance(ds, dict):
+        raise CheckpointError(
+            f"{path}: a DeepSpeed checkpoint (ZeRO-{ds.get('zero_stage')}, {ds.get('world_size')} processes): its "
+            f"optimizer and scheduler live in DeepSpeed's shards, which a dist.strategy={strategy} run cannot "
+            f"restore (missing here: {what}). Resume it with dist.strategy=deepspeed on {ds.get('world_size')} "
+            f"processes, or {WEIGHTS_ONLY_HINT}")
+    kind = "a consolidated file" if ckpt.get("consolidated_from") else "this checkpoint"
+    raise CheckpointError(f"{path}: {kind} holds no {what} state to resume from (the LR schedule and the optimizer's "
+                          f"moments would restart while the step count goes on); {WEIGHTS_ONLY_HINT}")
+
+
+def _writer(ckpt: dict[str, Any]) -> str:
+    config = (ckpt.get("client") or {}).get("config") or {}
+    name = (config.get("dist") or {}).get("strategy")
+    return name if name in ("single", "ddp") else "single/ddp"
 
 
 def _deepspeed_strategy(info: DistInfo, **kwargs: Any) -> SingleStrategy:

@@ -13,9 +13,12 @@
   `<ckpt dir>/deepspeed/<tag>/` (a fresh tag per save, so nothing complete is ever overwritten); after a barrier
   rank 0 writes the engine's usual checkpoint file (`ckpt_stepN.pt`, `best.pt`) atomically: client state, a pointer
   to the shards and — with dist.deepspeed.consolidate_on_save (default) — the consolidated fp32 weights under
-  `model`, so `medpose eval`, `predict`, export and `--weights-only` read it like any other checkpoint. `latest` is
-  re-pointed by the trainer only after that file is complete; shard folders no checkpoint file points to any more are
-  removed on the next save. `engine.consolidate` writes the fp32 file later for checkpoints saved without it.
+  `model`, so `medpose eval`, `predict`, export and `--resume-weights-only` read it like any other checkpoint.
+  `latest` is re-pointed by the trainer only after that file is complete; shard folders no checkpoint file points to
+  any more are removed on the next save. For a file saved without the weights, every reader (the final report, eval,
+  predict) merges them from the shards on demand (`engine.consolidate.checkpoint_weights`), and `python -m
+  engine.consolidate FILE` writes a self-contained fp32 copy. DeepSpeed reads shard files with the full unpickler:
+  `load` first reads them with the weights-only one (`engine.consolidate.check_shard_folder`).
 * On CPU, DeepSpeed's shared-memory all-reduce op would be JIT-compiled on first use (about 30 s); the strategy
   marks it incompatible so the gloo process group is used, as for DDP.
 
@@ -45,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_torch_save, load_checkpoint_file
+from .checkpoint import atomic_torch_save, load_checkpoint_file, plain_state, safe_torch_load
 from .faults import save_fault_hook
 from .config import DEEPSPEED_OWNED_KEYS, ConfigError, DeepSpeedConfig
 from .dist import DistInfo
@@ -352,6 +355,7 @@ class DeepSpeedStrategy(DDPStrategy):
             root.mkdir(parents=True, exist_ok=True)
         tag = self.all_gather_object(f"{path.stem}-{uuid.uuid4().hex[:8]}")[0]  # rank 0's choice, fresh per save
         self.barrier()
+        client_state = plain_state(client_state)  # the files load with the weights-only unpickler
         self.engine.save_checkpoint(str(root), tag=tag, client_state={"medpose": client_state}, save_latest=False)
         save_fault_hook(path, client_state, self.info.rank)()  # test hook: this rank's shards written, not published
         self.barrier()  # every rank's shards are on disk
@@ -364,25 +368,26 @@ class DeepSpeedStrategy(DDPStrategy):
                 model = None
             atomic_torch_save({"model": model, "client": client_state, "format": FORMAT,
                                "deepspeed": {"dir": SHARDS_DIR, "tag": tag, "zero_stage": self.zero_stage,
-                                             "world_size": self.info.world_size, "config": self.ds_config}}, path)
+                                             "world_size": self.info.world_size,
+                                             "config": plain_state(self.ds_config)}}, path)
             clean_shards(root, keep=tag, stem=path.stem)
         self.barrier()
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Collective: every rank restores its shards (model, optimizer, scheduler) from the folder `path` points
-        to; returns the engine's client state."""
+        to; returns the engine's client state. A file without shards (single/DDP, consolidated) or written by another
+        number of processes is a CheckpointError that offers --resume-weights-only (strategies.check_resumable);
+        the shard files are read with the weights-only unpickler before DeepSpeed loads them (check_shard_folder)."""
+        from .consolidate import check_shard_folder
+        from .strategies import check_resumable
         path = Path(path)
         ckpt = load_checkpoint_file(path)
-        ds = ckpt.get("deepspeed")
-        if not isinstance(ds, dict):
-            raise ValueError(f"{path}: not saved by the deepspeed strategy (no DeepSpeed shards); resume it with "
-                             f"the strategy that wrote it, or start from its weights only")
-        if ds.get("world_size") != self.info.world_size:
-            raise ValueError(f"{path}: DeepSpeed shards were written by {ds.get('world_size')} ranks, this run has "
-                             f"{self.info.world_size}; consolidate it (engine.consolidate) and start from the weights")
+        check_resumable(path, ckpt, self.name, self.info.world_size)
+        ds = ckpt["deepspeed"]
         shards = path.parent / ds["dir"]
         if not (shards / ds["tag"]).is_dir():
             raise FileNotFoundError(f"{path}: its DeepSpeed shard folder {shards / ds['tag']} is missing")
+        check_shard_folder(shards / ds["tag"])
         with _quiet():
             loaded, client = self.engine.load_checkpoint(str(shards), tag=ds["tag"], load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
@@ -405,6 +410,7 @@ def consolidated_state_dict(root: str | Path, tag: str, zero_stage: int,
         states = root / tag / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise FileNotFoundError(f"{states}: DeepSpeed model state file not found")
-        return torch.load(states, map_location="cpu", weights_only=False)["module"]
+        from .consolidate import deepspeed_safe_classes
+        return safe_torch_load(states, "DeepSpeed model state file", allow=deepspeed_safe_classes())["module"]
     with _quiet():
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

@@ -192,8 +192,12 @@ class Trainer:
         LOG.info("resumed from %s at step %d (epoch %d, sample %d of the epoch)", path, self.step, epoch, samples)
 
     def resume_weights_only(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        self.strategy.unwrap(self.model).load_state_dict(ckpt["model"])
+        """The model weights of checkpoint `path` (read with the weights-only unpickler; a deepspeed checkpoint saved
+        with consolidate_on_save=false is merged from its shards on every rank) into the running model. Under ZeRO-1/2
+        they do not reach DeepSpeed's fp32 master partitions: for the final report, not to train on (engine/run.py
+        loads --resume-weights-only files into the model before the strategy wraps it)."""
+        from .consolidate import checkpoint_weights
+        self.strategy.unwrap(self.model).load_state_dict(checkpoint_weights(path))
 
     # ------------------------------------------------------------------ one step
     def _forward_backward(self, batch: Batch, is_boundary: bool) -> dict[str, float] | None:

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", default="hip_demo", help="YAML file or bundled config name (default: hip_demo)")
     t.add_argument("--resume", metavar="PATH|auto",
                    help="checkpoint file, run directory, or 'auto' (latest checkpoint of log.run_dir)")
+    t.add_argument("--resume-weights-only", action="store_true",
+                   help="with --resume: take only the model weights of that checkpoint (any strategy's, consolidated "
+                        "or not) and start a new run in a new directory at step 0, with a fresh optimizer, LR "
+                        "schedule and data order")
     t.add_argument("--no-test", action="store_true", help="skip the held-out test report at the end")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=500 optim.lr=3e-4")
 
@@ -185,7 +189,8 @@ def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.run import train
     cfg = load_config(resolve_config_path(args.config), args.overrides)
-    result = train(cfg, resume=args.resume, final_test=not args.no_test)
+    result = train(cfg, resume=args.resume, final_test=not args.no_test,
+                   resume_weights_only=args.resume_weights_only)
     return 0 if result else 1
 
 
@@ -328,10 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "data": _cmd_data,
                 "demo": _cmd_demo, "models": _cmd_models,
                 "pretrain": _cmd_pretrain}
+    from engine.checkpoint import CheckpointError
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, OptionError, FileNotFoundError) as e:
-        print(f"medpose {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, OptionError, CheckpointError, FileNotFoundError) as e:
+        # One line on the console (a DataLoader worker's DataError carries the worker's traceback: its file and
+        # problem only). The run wrote the traceback, cause chain included, into its train.log (engine.logger.
+        # log_failure): say where.
+        line = f"{e.path}: {e.problem}" if isinstance(e, DataError) and e.path and "\n" in str(e) else str(e)
+        log = getattr(e, "traceback_log", None)
+        print(f"medpose {args.command}: error: {line}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
         return 2
 
 

@@ -99,14 +99,17 @@ def main(out_path: str, ckpt_root: str, specs: list[str]) -> None:
 
 def train_jobs(jobs: list[str]) -> None:
     """argv: train JOB...; a job is RESUME;OVERRIDE;... (RESUME: '-', 'auto' or a checkpoint file; the override
-    `final_test` adds the held-out report), run through engine.run.train."""
+    `final_test` adds the held-out report, `weights_only` takes only RESUME's weights: --resume-weights-only), run
+    through engine.run.train."""
     import engine.run as run
     from engine.config import load_config
     for job in jobs:
         resume, *overrides = job.split(";")
         final_test = "final_test" in overrides  # then also the held-out report (best weights, figures on rank 0)
-        overrides = [o for o in overrides if o != "final_test"]
-        run.train(load_config(None, overrides), resume=None if resume == "-" else resume, final_test=final_test)
+        weights_only = "weights_only" in overrides
+        overrides = [o for o in overrides if o not in ("final_test", "weights_only")]
+        run.train(load_config(None, overrides), resume=None if resume == "-" else resume, final_test=final_test,
+                  resume_weights_only=weights_only)
 
 
 if __name__ == "__main__":
