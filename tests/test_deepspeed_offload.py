@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     out = root / "results.pt"
     torchrun([str(REPO / "tests" / "deepspeed_offload_worker.py"), str(out), str(root / "ckpt"), *SCENARIOS],
              nproc=2, timeout=300)
-    return torch.load(out, weights_only=False), root / "ckpt"
+    return torch.load(out, weights_only=True), root / "ckpt"
 
 
 def _close(a, b):
