@@ -196,6 +196,16 @@ class EvalConfig:
     flip_test: bool = False
     """Flip test: also predict the left/right-mirrored image and average the two (models/flip_test.py), swapping the
     dataset's flip_pairs; twice the evaluation cost."""
+    corrupt: str = ""
+    """Robustness evaluation of the final test report and `medpose eval`: "KIND:LEVEL,LEVEL,..." (several kinds joined
+    with ";"), KIND one of salt_pepper (noise density), gaussian (sigma, fraction of the intensity range), speckle
+    (multiplicative sigma), blur (sigma in original pixels); the split is evaluated once more per level with its images
+    corrupted in their original frame (engine/corrupt.py). Empty: none."""
+
+    def __post_init__(self):
+        if self.corrupt:
+            from .corrupt import parse_corruptions
+            parse_corruptions(self.corrupt, "eval.corrupt")
 
 
 # DeepSpeed keys the engine derives from its own config (one source of truth): `extra` may not set them.

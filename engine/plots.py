@@ -299,3 +299,63 @@ def plot_per_class_bars(values: Mapping[str, float], out_path: Path | str, ylabe
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+# ------------------------------------------------------------------------------------------------ robustness curves
+def robustness_curves(table: Mapping[str, Mapping[str, Mapping[str, float | None]]]
+                      ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, str]]]:
+    """{kind: {figure: (levels, values divided by the figure's clean value, legend label)}} of a robustness table
+    (kind -> level -> figures, level 0 = clean). Figures have different units, so each is drawn relative to its value
+    at level 0 (1 = unchanged); a figure whose clean value is 0 or undefined is divided by its largest magnitude
+    instead (the label says so). Undefined values are left out of the line."""
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray, str]]] = {}
+    for kind, rows in table.items():
+        levels = sorted(rows, key=float)
+        keys = list(next(iter(rows.values()))) if rows else []
+        curves = {}
+        for key in keys:
+            vals = np.array([np.nan if rows[lv].get(key) is None else float(rows[lv][key]) for lv in levels])
+            ok = np.isfinite(vals)
+            if not ok.any():
+                continue
+            x = np.array([float(lv) for lv in levels])
+            clean = vals[x == 0.0][0] if (x == 0.0).any() else np.nan
+            if np.isfinite(clean) and clean != 0.0:
+                scale, label = abs(clean), f"{key} (clean {clean:.4g})"
+            else:
+                scale = float(np.abs(vals[ok]).max()) or 1.0
+                label = f"{key} (÷ max {scale:.4g})"
+            curves[key] = (x[ok], vals[ok] / scale, label)
+        out[kind] = curves
+    return out
+
+
+def plot_robustness(table: Mapping[str, Mapping[str, Mapping[str, float | None]]], out_path: Path | str,
+                    level_names: Mapping[str, str] | None = None) -> Path:
+    """One panel per corruption kind: each headline figure against the corruption level, relative to its clean
+    value (robustness_curves); the x axis is linear near 0 and logarithmic above the smallest positive level, so
+    levels spanning decades (0.0001 ... 0.02) are all visible."""
+    curves = robustness_curves(table)
+    if not curves:
+        raise ValueError(f"{_WHERE}: plot_robustness: an empty robustness table")
+    n = len(curves)
+    fig = Figure(figsize=(5.6 * n, 4.4))
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    for ax, (kind, lines) in zip(axes, curves.items()):
+        positive = [float(lv) for lv in table[kind] if float(lv) > 0]
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        for i, (key, (x, y, label)) in enumerate(lines.items()):
+            ax.plot(x, y, "o-", color=f"C{i % 10}", linewidth=1.5, markersize=4, label=label)
+        ticks = sorted(float(lv) for lv in table[kind])
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks], rotation=45 if len(ticks) > 4 else 0, fontsize=8)
+        ax.minorticks_off()
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(f"{kind}: {(level_names or {}).get(kind, 'level')}", fontsize=9)
+        ax.set_ylabel("figure / its clean value")
+        ax.set_title(kind)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_path, tight=True)

@@ -399,11 +399,37 @@ def held_out_report(cfg: Config, task, strategy, data: dict, model, criterion, o
                     extra: dict | None = None) -> dict[str, Any] | None:
     """Evaluate `split` on every rank, then rank 0 writes report.json and the figures into out_dir."""
     figures, records = _evaluate(cfg, task, strategy, data, split, model, criterion, gather_records=True)
+    robust = robustness(cfg, task, strategy, data, split, model, criterion, figures) if cfg.eval.corrupt else None
     if not strategy.info.is_main:
         return None
     extra = {"split": split, "world_size": strategy.info.world_size, "strategy": strategy.name, **(extra or {})}
     return write_report(out_dir, cfg, task, figures, records, strategy.unwrap(model), data[split],
-                        task.decoder(cfg), extra)
+                        task.decoder(cfg), extra, robustness=robust)
+
+
+def robustness(cfg: Config, task, strategy, data: dict, split: str, model, criterion, clean: dict[str, float]
+               ) -> dict[str, dict[str, dict[str, float]]]:
+    """eval.corrupt: {kind: {level: figures}} of `split` evaluated once per level with its images corrupted in their
+    original frame (engine/corrupt.py), on every rank (each scores its shard; the task's sums are all-reduced as in the
+    plain evaluation). Every kind's table starts at level 0: the plain figures `clean`, or, when 0 is asked for, the
+    corrupted path at level 0 (the identity, so the same figures). Levels above 0 are read by the torch loader: the
+    DALI loader decodes the files itself, where no corruption could be applied."""
+    from .corrupt import Corruption, corrupted_view, level_key, parse_corruptions
+    plan = parse_corruptions(cfg.eval.corrupt, "eval.corrupt")
+    if cfg.data.loader == "dali" and any(v > 0 for levels in plan.values() for v in levels):
+        LOG.info("eval.corrupt: corrupted images are read with the torch loader (DALI decodes the files itself)")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for kind, levels in plan.items():
+        rows = {} if 0.0 in levels else {level_key(0.0): dict(clean)}
+        for level in levels:
+            view = corrupted_view(data[split], Corruption(kind, level))
+            rows[level_key(level)] = _evaluate(cfg, task, strategy, data, split, model, criterion, dataset=view,
+                                               loader_kind=cfg.data.loader if level == 0 else "torch")[0]
+            shown = ", ".join(f"{k} {rows[level_key(level)].get(k, float('nan')):.4g}" for k in task.shown
+                              if k in rows[level_key(level)])
+            LOG.info("robustness %s %s: %s", kind, level_key(level), shown)
+        out[kind] = rows
+    return out
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path, split: str = "test"
@@ -445,10 +471,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
         strategy.close()
 
 
-def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criterion, gather_records: bool = False):
-    return evaluate_dataset(model, data[split], strategy, task.decoder(cfg), task.accumulator(cfg, data), criterion,
-                            cfg.train.batch_size, num_workers=cfg.eval.num_workers, gather_records=gather_records,
-                            loader_kind=cfg.data.loader, dali_threads=cfg.data.dali_threads,
+def _evaluate(cfg: Config, task, strategy, data: dict, split: str, model, criterion, gather_records: bool = False,
+              dataset=None, loader_kind: str | None = None):
+    """evaluate_dataset of data[split] (or of `dataset`, e.g. a corrupted view of it) with the config's settings."""
+    return evaluate_dataset(model, data[split] if dataset is None else dataset, strategy, task.decoder(cfg),
+                            task.accumulator(cfg, data), criterion, cfg.train.batch_size,
+                            num_workers=cfg.eval.num_workers, gather_records=gather_records,
+                            loader_kind=loader_kind or cfg.data.loader, dali_threads=cfg.data.dali_threads,
                             flip_test=cfg.eval.flip_test)
 
 

@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="the run's test / val / train split, or all = every sample (default: test; all with "
                         "--data-root)")
     e.add_argument("--out", help="output directory (default: <checkpoint dir>/../eval_<split or data folder>)")
+    e.add_argument("--corrupt", action="append", metavar="KIND:LEVEL,...",
+                   help="robustness: evaluate once more per level with corrupted images, e.g. salt_pepper:0.001,0.01 "
+                        "(kinds: salt_pepper density, gaussian / speckle sigma, blur sigma in pixels; repeat the "
+                        "option or join kinds with ';'); the table goes into report.json, robustness.md/.csv and "
+                        "figures/robustness.png (sets eval.corrupt)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.format=table eval.flip_test=true")
 
     p = sub.add_parser("predict", help="predict landmarks (and masks, angles, grades, HC) for files and folders",
@@ -203,6 +208,9 @@ def _cmd_eval(args) -> int:
     if args.data_root:
         overrides = [f"data.root={args.data_root}", "data.synthetic=false", *overrides]
     split = args.split or ("all" if args.data_root else "test")
+    if args.corrupt:  # quoted, so YAML reads the spec as one string
+        import json
+        overrides.append("eval.corrupt=" + json.dumps(";".join(args.corrupt)))
     if args.config:
         cfg = load_config(resolve_config_path(args.config), overrides)
     else:
