@@ -194,6 +194,10 @@ def _cmd_train(args) -> int:
     from engine.config import load_config
     from engine.run import train
     cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if cfg.model.name == "look_once":      # spine_disc's point classifier: its own loop over label point sets
+        from engine.tasks.spine_disc.look_once import train_look_once
+        train_look_once(cfg)
+        return 0
     result = train(cfg, resume=args.resume, final_test=not args.no_test,
                    resume_weights_only=args.resume_weights_only)
     return 0 if result else 1
