@@ -160,6 +160,7 @@ EVERY_MODEL = {
     "landmark_unet": ("xray", ["model.args={width: 4, depth: 3, heatmap_stride: 2}", "model.criterion_args={}",
                                "data.reader_args={heatmaps: true}",
                                "data.sigma_px=2.0"]),
+    "shape_unet": ("spine", ["model.args={width: 4, depth: 3}"]),
     "landmark_hrnet": ("spine", ["model.args={backbone: hrnet_w18_small, head_channels: 8}", "data.input_hw=[64, 32]"]),
     "unet_multitask": ("hc18", []),
     "multihipposenet": ("hc18", ["model.name=multihipposenet", "model.args={num_classes: 2, num_keypoints: 4, "

@@ -2,6 +2,14 @@
 
 The figures (DTT, FNR, FPR, PCK, matched MRE) are engine/tasks/spine_disc/metrics.py's, definitions there; this module
 fits the skeleton prior the decoder uses, draws the figures (engine/tasks/spine_disc/plots.py) and writes predict rows.
+
+Post-processing (eval.task_args.postprocess): "skeleton" chooses one candidate per channel against the mean skeleton
+(models/skeleton.py); "look_once" classifies all candidates at once with a trained point classifier
+(models/look_once.py, eval.task_args.look_once_checkpoint = the look_once.pt of `medpose train --config
+spine_look_once`). Both start from the same heatmap candidates and give the same kind of prediction (positions and
+presence per disc channel), scored by the same accumulator. These are task options rather than model.args because
+model.args are the network builder's arguments (checked against its signature) and the post-processing belongs to
+the task's decoder, whatever network produced the heatmaps.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from . import plots as plots_spine
 from .metrics import SpineDiscAccumulator
 
 OVERLAY_GRID_COUNT = 6
+POSTPROCESS = ("skeleton", "look_once")
 
 
 class SpineDiscTask(Task):
@@ -28,11 +37,23 @@ class SpineDiscTask(Task):
     shown = ("loss", "dtt_mm", "fnr_pct", "fpr_pct", "pck")
 
     def __init__(self, fn_si_mm: float = 7.0, fp_si_mm: float = 10.0, pck_thr: float = 0.5,
-                 pck_width_div: float = 10.0, rel_threshold: float = 0.5, abs_threshold: float = 0.1):
+                 pck_width_div: float = 10.0, rel_threshold: float = 0.5, abs_threshold: float = 0.1,
+                 postprocess: str = "skeleton", look_once_checkpoint: str = "", look_once_threshold: float = 0.5):
+        from engine.config import ConfigError
         self.metric_args = dict(fn_si_mm=fn_si_mm, fp_si_mm=fp_si_mm, pck_thr=pck_thr, pck_width_div=pck_width_div)
         SpineDiscAccumulator(**self.metric_args)         # validate the options now, not at the first evaluation
         self.rel_threshold, self.abs_threshold = float(rel_threshold), float(abs_threshold)
         self.prior = None                                # models.skeleton.SkeletonPrior after fit()
+        if postprocess not in POSTPROCESS:
+            raise ConfigError(f"eval.task_args.postprocess: {postprocess!r} is not one of {', '.join(POSTPROCESS)}")
+        if postprocess == "look_once" and not look_once_checkpoint:
+            raise ConfigError("eval.task_args.look_once_checkpoint: postprocess=look_once needs the classifier's "
+                              "look_once.pt (from `medpose train --config spine_look_once`)")
+        if not 0.0 < look_once_threshold < 1.0:
+            raise ConfigError(f"eval.task_args.look_once_threshold: {look_once_threshold} must lie in (0, 1)")
+        self.postprocess, self.look_once_checkpoint = postprocess, str(look_once_checkpoint)
+        self.look_once_threshold = float(look_once_threshold)
+        self._classifier = None
 
     def accumulator(self, cfg, data: dict[str, Any]) -> SpineDiscAccumulator:
         return SpineDiscAccumulator(num_keypoints=len(data["kpt_names"]), **self.metric_args)
@@ -64,10 +85,26 @@ class SpineDiscTask(Task):
             from models.skeleton import SkeletonPrior
             self.prior = SkeletonPrior.from_dict(state["skeleton"])
 
+    def classifier(self):
+        """The look-once classifier (loaded once, weights only; a missing or foreign file is a CheckpointError)."""
+        if self._classifier is None:
+            from .look_once import load_look_once
+            self._classifier = load_look_once(self.look_once_checkpoint)
+        return self._classifier
+
     def decoder(self, cfg) -> Callable[[dict], dict]:
         from models.skeleton import decode_discs
         method = "softargmax" if cfg.model.decode == "softargmax" else "argmax"
         prior, peak, rel, absolute = self.prior, float(cfg.data.heatmap_peak), self.rel_threshold, self.abs_threshold
+        if self.postprocess == "look_once":
+            from models.look_once import decode_look_once
+            classifier, thr = self.classifier(), self.look_once_threshold
+
+            def decode_lo(outputs: dict) -> dict:
+                kpts, present = decode_look_once(outputs["heatmap_BKHW"].detach(), classifier, method=method,
+                                                 rel_threshold=rel, abs_threshold=absolute, peak=peak, threshold=thr)
+                return {"kpts_px_BK2": kpts, "kpt_present_BK": present}
+            return decode_lo
 
         def decode(outputs: dict) -> dict:
             kpts, present = decode_discs(outputs["heatmap_BKHW"].detach(), prior, method=method, rel_threshold=rel,
