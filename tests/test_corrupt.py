@@ -182,6 +182,12 @@ def test_view_corrupts_the_decoded_original_whatever_the_order(phantom_root):
         assert 0.025 < (expect != decoded).any(0).mean() <= 0.05
         assert np.array_equal(view.original(i)["image_HW3"], ds.original(i)["image_HW3"])  # truth stays clean
     assert all(np.array_equal(ds[i]["image_CHW"].numpy(), clean[i].numpy()) for i in range(len(ds)))  # cache intact
+    from torch.utils.data import DataLoader
+
+    from data_pipelines.batch import collate_samples
+    loaded = DataLoader(corrupted_view(ds, c), batch_size=4, num_workers=2, collate_fn=collate_samples)
+    images = [im for b in loaded for im in b.image_BCHW]                        # two worker processes
+    assert all(np.array_equal(images[i].numpy(), forward[i].numpy()) for i in range(len(ds)))
     identity = corrupted_view(ds, Corruption("blur", 0.0))
     assert all(np.array_equal(identity[i]["image_CHW"].numpy(), clean[i].numpy()) for i in range(len(ds)))
 
