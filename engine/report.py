@@ -72,7 +72,9 @@ def write_robustness_tables(out_dir: Path, table: dict[str, dict[str, dict[str, 
     """robustness.csv (kind, level, one column per figure) and robustness.md (one table per kind)."""
     from .corrupt import KINDS
     keys = list(next(iter(next(iter(table.values())).values())))
-    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4g}"
     csv_lines = [",".join(["kind", "level", *keys])]
     md = ["# Robustness under image corruption", ""]
     for kind, rows in table.items():
