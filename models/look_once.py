@@ -108,6 +108,24 @@ def build_look_once(num_points: int = 20, attention: bool = True, width_div: int
     return LookOnceClassifier(num_points, attention, width_div)
 
 
+@torch.no_grad()
+def precise_bn(model: LookOnceClassifier, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over `batches` (points, mask) with the
+    final weights. The exponential running average lags behind weights that moved fast (short runs, high learning
+    rates), and eval-mode outputs on stale statistics can be far from the training-mode ones."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                                  # cumulative average over the passes below
+    model.train()
+    for pts, mask in batches:
+        model(pts, mask)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
 def masked_nll(log_probs_BN2: torch.Tensor, labels_BN: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
     """NLL over the real points only (mean)."""
     m = mask_BN.bool()

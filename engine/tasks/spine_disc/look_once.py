@@ -190,7 +190,7 @@ def evaluate_sets(model, sets: list[tuple]) -> dict[str, float]:
 def train_look_once(cfg: Config) -> Path:
     """Train the classifier from the config (module docstring); returns the checkpoint path."""
     from engine.run import build_data, make_strategy
-    from models.look_once import build_look_once, masked_nll
+    from models.look_once import build_look_once, masked_nll, precise_bn
     args = look_once_args(cfg)
     if cfg.data.task != "spine_disc":
         raise ConfigError(f"data.task: the look_once classifier labels spine discs (data.task=spine_disc), got "
@@ -245,6 +245,13 @@ def train_look_once(cfg: Config) -> Path:
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 log_f.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
                 log_f.flush()
+    bn_batches = []
+    for _ in range(8):                       # BatchNorm statistics of the final weights (models.look_once.precise_bn)
+        sets = [synthetic_set(kpts[i], vis[i], rng, args) for i in rng.integers(len(kpts), size=64)]
+        sets = [s for s in sets if s is not None] + ([hg_sets[int(j)] for j in rng.integers(len(hg_sets), size=32)]
+                                                     if hg_sets else [])
+        bn_batches.append(_batch(sets)[:2])
+    precise_bn(model, bn_batches)
     metrics = evaluate_sets(model, val_sets)
     if hg_sets:
         metrics.update({f"hourglass_{k}": v for k, v in evaluate_sets(model, hg_sets).items()})

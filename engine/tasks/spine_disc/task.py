@@ -49,6 +49,9 @@ class SpineDiscTask(Task):
         if postprocess == "look_once" and not look_once_checkpoint:
             raise ConfigError("eval.task_args.look_once_checkpoint: postprocess=look_once needs the classifier's "
                               "look_once.pt (from `medpose train --config spine_look_once`)")
+        if postprocess == "look_once" and not Path(look_once_checkpoint).is_file():
+            raise ConfigError(f"eval.task_args.look_once_checkpoint: {look_once_checkpoint}: no such file (the "
+                              f"look_once.pt written by `medpose train --config spine_look_once`)")
         if not 0.0 < look_once_threshold < 1.0:
             raise ConfigError(f"eval.task_args.look_once_threshold: {look_once_threshold} must lie in (0, 1)")
         self.postprocess, self.look_once_checkpoint = postprocess, str(look_once_checkpoint)
