@@ -26,6 +26,9 @@ MODELS = {
     "attention_unet": {"base": 32},
     "deeplabv3plus": {},
     "u2net_small": {},
+    # added in the 2026-12-03 run (benchmarks/results/seg_zoo_hc18_new_cpu_20261203.md)
+    "tmunet": {"backbone": "resnet18", "embed_dim": 64, "heads": 4, "patch_widths": [16, 32], "dec_widths": [32, 16]},
+    "bcdunet": {"base": 16},
 }
 
 

@@ -83,10 +83,11 @@ def test_zoo_model_under_two_ranks(tmp_path, hc18_root, strategy):
 
 def _small_args() -> dict:
     """Each zoo model's small build, as its unit tests use it (SETR's ViT sized to this input)."""
+    from test_seg_new_nets import SMALL as new_nets
     from test_seg_zoo_encoder import SMALL as encoder
     from test_seg_zoo_u2_light import SMALL as u2_light
     from test_seg_zoo_unet import SMALL as unet
-    small = {**unet, **encoder, **u2_light}
+    small = {**unet, **encoder, **u2_light, **new_nets}
     small["setr"] = {**small["setr"], "input_hw": [96, 128]}
     return small
 

@@ -17,11 +17,13 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .bcdunet import SPECS_BCDUNET
 from .common import SegSpec, read_state_dict
 from .context_nets import SPECS_CONTEXT
 from .encoder_nets import SPECS_ENCODER
 from .light_nets import SPECS_LIGHT
 from .stn import STNSeg
+from .tmunet import SPECS_TMUNET
 from .u2net import SPECS_U2
 from .unet_family import SPECS_UNET_FAMILY
 from .unet_variants import SPECS_UNET_VARIANTS
@@ -29,7 +31,8 @@ from .unet_variants import SPECS_UNET_VARIANTS
 WHERE = "models/seg"
 
 SEG_SPECS: dict[str, SegSpec] = {}
-for _group in (SPECS_UNET_FAMILY, SPECS_UNET_VARIANTS, SPECS_ENCODER, SPECS_CONTEXT, SPECS_U2, SPECS_LIGHT):
+for _group in (SPECS_UNET_FAMILY, SPECS_UNET_VARIANTS, SPECS_ENCODER, SPECS_CONTEXT, SPECS_U2, SPECS_LIGHT,
+               SPECS_TMUNET, SPECS_BCDUNET):
     for _name, _spec in _group.items():
         if _name in SEG_SPECS:
             raise RuntimeError(f"{WHERE}: model name '{_name}' registered twice")
