@@ -1,5 +1,6 @@
 """"Look once" disc labelling: a PointNet-style per-point classifier (true disc / false candidate) over a fixed
-number of 2-D candidate points, replacing the skeleton search of models/skeleton.py (docs/systems/spine_disc_hourglass.md).
+number of 2-D candidate points, replacing the skeleton search of models/skeleton.py
+(docs/systems/spine_disc_hourglass.md).
 
 Network (`LookOnceClassifier`), points as (B, 2, N):
   input transform  a small PointNet on the points (Conv1d 2->64->128->1024, max-pool, Linear 1024->512->256->4)

@@ -261,7 +261,8 @@ def test_shape_unet_trains_with_the_hourglass_loss():
     crit = build_criterion("shape_unet")
     img = torch.randn(2, 1, 32, 16)
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(16.0), indexing="ij")
-    target = torch.stack([torch.exp(-((xx - 5) ** 2 + (yy - 10) ** 2) / 8), torch.exp(-((xx - 9) ** 2 + (yy - 20) ** 2) / 8)])
+    target = torch.stack([torch.exp(-((xx - 5) ** 2 + (yy - 10) ** 2) / 8),
+                          torch.exp(-((xx - 9) ** 2 + (yy - 20) ** 2) / 8)])
     targets = {"heatmap_BKHW": target.expand(2, 2, 32, 16) * 10, "kpts_visible_BK": torch.ones(2, 2, dtype=torch.bool)}
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
