@@ -30,7 +30,7 @@ P) works. The paper adds boundary and region losses on B and the region coeffici
 segmentation loss only, so B acts as a learned spatial attention term.
 
 Parameter count: neither the paper nor its repository states one that we could find. The test compares the default
-build (ResNet-50, embedding 512, depth 4, 8 heads) with the count computed from the layers listed above: 164.8 M,
+build (ResNet-50, embedding 512, depth 4, 8 heads) with the count computed from the layers listed above: 165.2 M,
 of which 75.5 M are the 2048-wide bridge and 23.5 M the ResNet-50. The HC18 table trains a small build
 (ResNet-18, embedding 128, `patch_widths` (32, 64), 4 heads).
 """
