@@ -23,7 +23,6 @@ from data_pipelines.predict_input import expand_inputs, load_for_predict
 
 from .evaluate import predict_batch, sample_prediction
 from .report import _finite_or_none
-from .run import load_for_inference
 
 log = logging.getLogger("medpose")
 
@@ -46,8 +45,19 @@ def predict_files(checkpoint: str | Path, inputs: list[str | Path], out_dir: Pat
     """Predict every input (files, folders, globs); returns the rows also written to predictions.csv / .json.
     overlays: how many overlay PNGs to draw (None: one per input; 0: none). skip_bad: an input that does not read
     is logged and listed in predictions.json's "skipped" instead of stopping the run."""
+    from .run import load_for_inference    # here, not at import: `predict --onnx` never loads the training stack
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     model, cfg, task, state = load_for_inference(checkpoint, device)
+    return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad, progress)
+
+
+@torch.no_grad()
+def predict_with(model, cfg, task, state: dict[str, Any], inputs: list[str | Path], out_dir: Path,
+                 device: torch.device, batch_size: int = 8, overlays: int | None = None, skip_bad: bool = False,
+                 progress: bool = False) -> list[dict[str, Any]]:
+    """The predict loop for any network `model` (a torch module, or an exported model behind the same call:
+    engine/onnx_predict.py): image_BCHW on `device` -> output dict of tensors. cfg, task and state are what
+    load_for_inference returns (or the export sidecar holds)."""
     reader, _ = reader_for(cfg.data)
     files = expand_inputs(inputs, reader.annotation_suffixes)
     decode = task.decoder(cfg)

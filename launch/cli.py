@@ -36,6 +36,8 @@ EPILOG = """examples:
   medpose train --config hc18_unet        fetal-head segmentation + HC on ../shared/data/hc18 (real HC18 subset)
   medpose train --config seg_zoo model.name=attention_unet   any of the 31 zoo networks (synthetic HC18 layout)
   medpose pretrain --config seg_zoo pretrain.steps=300   InfoNCE pre-training -> model.init_from=.../encoder.pt
+  medpose export --checkpoint best.pt --format onnx --dynamic-batch --out model.onnx   (+ model.onnx.json)
+  medpose predict --onnx model.onnx scans/ --out preds/   the exported network in onnxruntime, same rows
   medpose models                          every model with its parameter count; `medpose models unet_pp` one pass
   medpose data to-coco --config xray_demo --out data/xray_coco   any dataset as COCO keypoints (data.format=coco)
 """
@@ -120,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "measures (hip US: alpha/beta, Graf type; hip X-ray: acetabular index, IHDI "
                                    "grade; spine: disc positions; fetal head: HC in mm) - and an overlay PNG per "
                                    "input.")
-    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    src.add_argument("--onnx", metavar="MODEL", help="a `medpose export` file (ONNX, or TorchScript .pt) with its "
+                                                     "sidecar MODEL.json beside it: runs in onnxruntime without the "
+                                                     "training stack, same rows as --checkpoint")
     p.add_argument("inputs", nargs="+", help="image files, annotation files of the checkpoint's format, folders "
                                              "(searched recursively) or quoted glob patterns ('scans/*.png')")
     p.add_argument("--out", required=True, help="output directory")
@@ -128,6 +134,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=int, default=None, metavar="N",
                    help="draw at most N overlay PNGs (default: one per input; 0: none)")
     p.add_argument("--skip-bad", action="store_true", help="log and list inputs that do not read instead of stopping")
+
+    xp = sub.add_parser("export", help="a checkpoint's network as ONNX or TorchScript, with its preprocessing "
+                                      "and decoding in a sidecar JSON",
+                       description="Writes the network (preprocessed image_BCHW in; the outputs decoding needs out) "
+                                   "and OUT.json beside it (input size, channels, normalisation, resize rule, "
+                                   "landmark names, flip pairs, spacing rule, task, output names, versions, the "
+                                   "checkpoint's sha256). The export is checked against PyTorch (fp32, 1e-4). "
+                                   "`medpose predict --onnx OUT` reproduces `predict --checkpoint`.")
+    xp.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    xp.add_argument("--format", dest="export_format", default="onnx", help="onnx (default) or torchscript")
+    xp.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt)")
+    xp.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (default: fixed)")
+    xp.add_argument("--batch", type=int, default=1, help="the fixed batch size without --dynamic-batch (default 1)")
+    xp.add_argument("--exporter", default="auto", choices=["auto", "legacy", "dynamo"],
+                   help="ONNX exporter: auto (TorchScript-based, dynamo where that one cannot), legacy, dynamo "
+                        "(needs onnxscript)")
+    xp.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
 
     d = sub.add_parser("data", help="dataset utilities: inspect a folder, synthetic sets, conversion to COCO")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="WHAT")
@@ -231,12 +254,32 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from engine.predict import predict_files
     if args.batch_size < 1:
         raise SystemExit("medpose predict: --batch-size must be >= 1")
-    rows = predict_files(args.checkpoint, list(args.inputs), Path(args.out), batch_size=args.batch_size,
-                         overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
+    if args.onnx:
+        from engine.onnx_predict import predict_files_exported
+        rows = predict_files_exported(args.onnx, list(args.inputs), Path(args.out), batch_size=args.batch_size,
+                                      overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
+    else:
+        from engine.predict import predict_files
+        rows = predict_files(args.checkpoint, list(args.inputs), Path(args.out), batch_size=args.batch_size,
+                             overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
     print(f"wrote {len(rows)} predictions to {Path(args.out) / 'predictions.csv'}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from engine.export import export_checkpoint
+    side = export_checkpoint(args.checkpoint, args.out, args.export_format, dynamic_batch=args.dynamic_batch,
+                             batch=args.batch, exporter=args.exporter, verify=not args.no_verify)
+    m = side["model"]
+    print(f"wrote {args.out} ({m['name']}, {m['format']} via {m['exporter']}, outputs {', '.join(m['output_names'])}, "
+          f"batch {m['batch'] or 'dynamic'}) and {args.out}.json")
+    if "verified" in side:
+        worst = max(v for b in side["verified"].values() if isinstance(b, dict)
+                    for k, v in b.items() if k.endswith("_max_abs"))
+        print(f"matches PyTorch (fp32) within {worst:.2g} at batch "
+              + ", ".join(k[5:] for k in side["verified"] if k.startswith("batch")))
     return 0
 
 
@@ -343,12 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import ConfigError
     from data_pipelines.errors import DataError, OptionError
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "data": _cmd_data,
-                "demo": _cmd_demo, "models": _cmd_models,
+                "demo": _cmd_demo, "models": _cmd_models, "export": _cmd_export,
                 "pretrain": _cmd_pretrain}
     from engine.checkpoint import CheckpointError
+    from engine.export import ExportError
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, OptionError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OptionError, CheckpointError, ExportError, FileNotFoundError) as e:
         # One line on the console (a DataLoader worker's DataError carries the worker's traceback: its file and
         # problem only). The run wrote the traceback, cause chain included, into its train.log (engine.logger.
         # log_failure): say where.
