@@ -33,6 +33,7 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         "vision": ["torchvision>=0.19", "timm>=1.0"],
         "seg": ["segmentation-models-pytorch>=0.3", "timm>=1.0", "torchvision>=0.19"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],   # medpose export, predict --onnx
         "dev": ["pytest>=8", "pytest-benchmark>=5"],
     },
     entry_points={"console_scripts": ["medpose=launch.cli:main"]},
