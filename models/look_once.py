@@ -13,9 +13,9 @@ Network (`LookOnceClassifier`), points as (B, 2, N):
 Every convolution but the last is followed by BatchNorm and ReLU (the 1024 feature before pooling has no ReLU).
 `width_div` divides every width (1 = the published network; tests use 8).
 
-Fixed N: a sample with fewer candidates is padded, one with more keeps the N highest-scoring ones. Padded points are
-masked out of both max-pools and their attention input is set to 0, so at eval time (BatchNorm on running
-statistics) the outputs of the real points do not depend on what the padding holds. The shared convolutions and the
+Fixed N: a sample with fewer candidates is padded; one with more is classified in passes of N (`look_once_select`).
+Padded points are masked out of both max-pools and their attention input is set to 0, so at eval time (BatchNorm on
+running statistics) the outputs of the real points do not depend on what the padding holds. The shared convolutions and the
 max-pool make the per-point outputs permutation-equivariant; the attention's Linear(N, N) does not (it mixes points
 by position), which is why point sets are always ordered superior -> inferior (`point_set`).
 
@@ -240,8 +240,13 @@ def label_discs(xy_M2: np.ndarray, chan_M: np.ndarray, score_M: np.ndarray, keep
 def look_once_select(cands_per_image: list[list[list[tuple[float, float, float]]]], classifier: LookOnceClassifier,
                      threshold: float = 0.5, merge_frac: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
     """Look-once labelling of a batch: per image the candidates of every channel are normalised, ordered, padded
-    to N and classified in one forward pass for the whole batch; points with P(true) > threshold are labelled by
+    to N and classified (one forward pass for the whole batch); points with P(true) > threshold are labelled by
     `label_discs` (merge distance = merge_frac x one disc interval, a quarter of the frame's scale).
+
+    More than N candidates: the N highest-scoring are classified first; the rejected ones are final, the accepted ones
+    stay in the set and the free slots are filled with the next-best unseen candidates, until every candidate has been
+    seen (each pass sees a set like the training sets: the discs found so far plus a few new candidates; the number of
+    passes grows linearly with the candidates, at least one slot frees per pass). The last pass's P(true) counts.
     Returns (kpts (B, K, 2) pixels, NaN where absent; present (B, K)).
     An image whose candidates give no frame (fewer than two channels with candidates) keeps each channel's best."""
     b = len(cands_per_image)
@@ -249,30 +254,47 @@ def look_once_select(cands_per_image: list[list[list[tuple[float, float, float]]
     n = classifier.num_points
     kpts = np.full((b, k, 2), np.nan)
     present = np.zeros((b, k), dtype=bool)
-    flats, frames, sets = [], [], []
+    state: dict[int, dict] = {}
     for i, cands in enumerate(cands_per_image):
         xy, ch, sc = flatten_candidates(cands)
         fr = candidate_frame(xy, ch, sc) if len(xy) else None
-        flats.append((xy, ch, sc))
-        frames.append(fr)
         if fr is None:
             for c, cs in enumerate(cands):
                 if cs:
                     kpts[i, c], present[i, c] = cs[0][:2], True
             continue
-        sets.append((i, *point_set(xy, sc, fr, n)))
-    if not sets:
-        return kpts, present
+        order = np.argsort(-sc, kind="stable")
+        state[i] = {"xy": xy, "ch": ch, "sc": sc, "frame": fr, "prob": np.zeros(len(xy)),
+                    "pool": order[:n], "rest": order[n:], "done": False}
     classifier.eval()
     dev = next(classifier.parameters()).device
-    pts = torch.from_numpy(np.stack([s[1] for s in sets])).to(dev)
-    mask = torch.from_numpy(np.stack([s[2] for s in sets])).to(dev)
-    prob = classifier(pts, mask)["log_probs_BN2"][..., 1].exp().cpu().numpy()
-    for row, (i, _, m, index) in enumerate(sets):
-        xy, ch, sc = flats[i]
-        p_m = np.zeros(len(xy))
-        p_m[index[m]] = prob[row][m]
-        kpts[i], present[i] = label_discs(xy, ch, sc, p_m > threshold, p_m, k, merge_frac * frames[i][1] / 4.0)
+    while True:
+        active = [i for i, st in state.items() if not st["done"]]
+        if not active:
+            break
+        sets = []
+        for i in active:
+            st = state[i]
+            pts, mask, index = point_set(st["xy"][st["pool"]], st["sc"][st["pool"]], st["frame"], n)
+            sets.append((i, pts, mask, st["pool"][index[mask]]))
+        pts = torch.from_numpy(np.stack([s[1] for s in sets])).to(dev)
+        mask = torch.from_numpy(np.stack([s[2] for s in sets])).to(dev)
+        prob = classifier(pts, mask)["log_probs_BN2"][..., 1].exp().cpu().numpy()
+        for row, (i, _, m, members) in enumerate(sets):
+            st = state[i]
+            st["prob"][members] = prob[row][m]
+            if len(st["rest"]) == 0:
+                st["done"] = True
+                continue
+            accepted = members[st["prob"][members] > threshold]
+            if len(accepted) >= n:                       # keep at least one slot free: always progress
+                accepted = accepted[np.argsort(-st["prob"][accepted], kind="stable")[:n - 1]]
+            room = n - len(accepted)
+            st["pool"], st["rest"] = np.concatenate([accepted, st["rest"][:room]]), st["rest"][room:]
+    for i, st in state.items():
+        p_m = st["prob"]
+        kpts[i], present[i] = label_discs(st["xy"], st["ch"], st["sc"], p_m > threshold, p_m, k,
+                                          merge_frac * st["frame"][1] / 4.0)
     return kpts, present
 
 
