@@ -10,7 +10,7 @@ the resolved run config, the data description (landmark names, flip pairs, chann
 preprocessing, the task's learned state, the output names, versions and the checkpoint's sha256.
 
 ONNX export: torch's TorchScript-based exporter (fast, works from torch 2.4 on, no extra package) with opset 17;
-the networks it cannot export (NEEDS_DYNAMO) and any other that fails with it go through torch's dynamo exporter
+the networks it cannot export (NEEDS_DYNAMO, NEEDS_DYNAMO_DYNAMIC_BATCH) and any other that fails with it go through torch's dynamo exporter
 (torch >= 2.5 and the onnxscript package). TorchScript export: torch.jit.trace (scripting fails on the dict outputs
 and the library backbones). With dynamic_batch the batch dimension is symbolic; otherwise it is fixed at `batch`.
 Networks that cannot be exported to a format are listed in CANNOT_EXPORT with the reason (the README table is
@@ -44,6 +44,19 @@ SIDECAR_VERSION = 1
 # fp32 agreement required between the exported network and PyTorch eager (|a - b| <= ATOL + RTOL |b|)
 ATOL = RTOL = 1e-4
 
+# networks whose fp32 outputs are themselves further than ATOL from a float64 run of the same weights, so two fp32
+# implementations (PyTorch, onnxruntime) cannot agree within it: name -> (atol = rtol, why)
+LOOSER_TOLERANCE: dict[str, tuple[float, str]] = {
+    "multihipposenet": (5e-4, "its eager fp32 heatmaps are up to 1e-4 from a float64 run at unit-range inputs "
+                              "(measured on the tiny build); onnxruntime's differ from PyTorch's by up to 3e-4"),
+}
+
+
+def tolerance(model_name: str) -> float:
+    """atol = rtol for comparing an export of `model_name` with PyTorch (ATOL unless LOOSER_TOLERANCE says more)."""
+    return LOOSER_TOLERANCE.get(model_name, (ATOL, ""))[0]
+
+
 # model name -> format -> why it cannot be exported (one line each; README "Export" lists them)
 CANNOT_EXPORT: dict[str, dict[str, str]] = {
     "segnet": {"torchscript": "torch.jit.trace stops in max_unpool2d's output-size check (a Python bool of a traced "
@@ -52,10 +65,19 @@ CANNOT_EXPORT: dict[str, dict[str, str]] = {
 
 # networks the TorchScript-based ONNX exporter cannot convert; they are exported with the dynamo exporter
 NEEDS_DYNAMO: dict[str, str] = {
-    "cenet": "the RMP block's pooling sizes come from the traced input shape (a Gather the old exporter rejects)",
     "pspnet": "adaptive_avg_pool2d to bin sizes that do not divide the feature map",
     "segnet": "max_unpool2d with an output size",
 }
+# ... and those it cannot convert with a symbolic batch dimension (--dynamic-batch) only
+NEEDS_DYNAMO_DYNAMIC_BATCH: dict[str, str] = {
+    "cenet": "the RMP block's pooling sizes come from the input shape (a Gather the old exporter rejects)",
+    "shape_unet": "a convolution whose kernel the old exporter cannot size once the batch is symbolic",
+}
+
+
+def needs_dynamo(model_name: str, dynamic_batch: bool) -> bool:
+    return model_name in NEEDS_DYNAMO or (dynamic_batch and model_name in NEEDS_DYNAMO_DYNAMIC_BATCH)
+
 
 _EXTRA_HINT = "pip install 'medpose[export]' (or the pinned versions in requirements-lock.txt)"
 
@@ -203,7 +225,7 @@ def export_network(model: nn.Module, path: str | Path, fmt: str, input_chw: Sequ
         else:
             require("onnx")
             order = {"legacy": ["legacy"], "dynamo": ["dynamo"],
-                     "auto": ["dynamo"] if model_name in NEEDS_DYNAMO else ["legacy", "dynamo"]}[exporter]
+                     "auto": ["dynamo"] if needs_dynamo(model_name, dynamic_batch) else ["legacy", "dynamo"]}[exporter]
             errors = []
             for kind in order:
                 try:
@@ -259,8 +281,8 @@ def load_exported(path: str | Path, fmt: str | None = None, output_names: Sequen
     return run_ts
 
 
-def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per output: the largest |got - ref| and the largest excess over ATOL + RTOL |ref| (<= 0 means within)."""
+def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float = ATOL) -> dict[str, float]:
+    """Per output: the largest |got - ref| and the largest excess over tol + tol |ref| (<= 0 means within)."""
     out = {}
     for k, r in ref.items():
         if k not in got:
@@ -270,14 +292,14 @@ def compare_outputs(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> d
             raise ExportError(f"output '{k}': the exported model gives {g.shape}, PyTorch {r.shape}")
         diff = np.abs(g - r)
         out[f"{k}_max_abs"] = float(diff.max()) if diff.size else 0.0
-        out[f"{k}_excess"] = float((diff - (ATOL + RTOL * np.abs(r))).max()) if diff.size else -ATOL
+        out[f"{k}_excess"] = float((diff - (tol + tol * np.abs(r))).max()) if diff.size else -tol
     return out
 
 
 def verify_export(model: nn.Module, output_names: Sequence[str], path: str | Path, fmt: str,
-                  input_chw: Sequence[int], batches: Sequence[int]) -> dict[str, dict[str, float]]:
-    """Exported file vs PyTorch eager on reproducible inputs at each batch size; raises ExportError when an output
-    differs by more than ATOL + RTOL |eager|. Returns {"batch<B>": compare_outputs(...)}."""
+                  input_chw: Sequence[int], batches: Sequence[int], tol: float = ATOL) -> dict[str, dict[str, float]]:
+    """Exported file vs PyTorch eager on reproducible unit-range inputs at each batch size; raises ExportError when
+    an output differs by more than tol + tol |eager|. Returns {"batch<B>": compare_outputs(...)}."""
     run = load_exported(path, fmt, output_names)
     wrapper = DecodeOutputs(model.float().cpu().eval(), output_names)
     report = {}
@@ -285,12 +307,12 @@ def verify_export(model: nn.Module, output_names: Sequence[str], path: str | Pat
         x = example_input(input_chw, b, seed=1000 + b)
         with torch.no_grad():
             ref = {k: v.numpy() for k, v in zip(output_names, wrapper(x))}
-        figures = compare_outputs(run(x.numpy()), ref)
+        figures = compare_outputs(run(x.numpy()), ref, tol)
         report[f"batch{b}"] = figures
         bad = {k: v for k, v in figures.items() if k.endswith("_excess") and v > 0}
         if bad:
             raise ExportError(f"{path}: the exported model differs from PyTorch at batch {b} beyond "
-                              f"{ATOL:g} + {RTOL:g}|x|: " + ", ".join(f"{k[:-7]} max |diff| "
+                              f"{tol:g} + {tol:g}|x|: " + ", ".join(f"{k[:-7]} max |diff| "
                                                                      f"{figures[k[:-7] + '_max_abs']:.3g}"
                                                                      for k in bad))
     return report
@@ -368,8 +390,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
                             bool(getattr(cfg.eval, "flip_test", False)))
     if verify:
         batches = (1, 2) if dynamic_batch else (batch,)
-        sidecar["verified"] = {"atol": ATOL, "rtol": RTOL,
-                               **verify_export(model, exported["output_names"], out, fmt, input_chw, batches)}
+        tol = tolerance(cfg.model.name)
+        sidecar["verified"] = {"atol": tol, "rtol": tol,
+                               **verify_export(model, exported["output_names"], out, fmt, input_chw, batches, tol)}
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2))
     return sidecar
 
@@ -407,5 +430,5 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["EXPORT_FORMATS", "DECODE_OUTPUTS", "CANNOT_EXPORT", "NEEDS_DYNAMO", "ExportError", "export_network",
+__all__ = ["EXPORT_FORMATS", "DECODE_OUTPUTS", "CANNOT_EXPORT", "NEEDS_DYNAMO", "NEEDS_DYNAMO_DYNAMIC_BATCH", "LOOSER_TOLERANCE", "tolerance", "ExportError", "export_network",
            "export_checkpoint", "load_exported", "verify_export", "compare_outputs", "read_sidecar", "sidecar_path"]

@@ -3,7 +3,9 @@
 Each input is read by the checkpoint's reader and preprocessed with the checkpoint's own DataInfo and Preprocess
 (data_pipelines/predict_input.py: exactly like an evaluation sample), inputs run through the model `batch_size` at a
 time, every prediction is mapped back to its input's original frame, and the task writes its row (landmarks in
-original pixels with a confidence each, angles, grades, circumference ...) and draws the overlay.
+original pixels with a confidence each, angles, grades, circumference ...) and draws the overlay. `predict_with` is
+that loop for any network behind the model's call: `predict --onnx` runs it on an exported network
+(engine/onnx_predict.py), so both give the same rows.
 """
 from __future__ import annotations
 
