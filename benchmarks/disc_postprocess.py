@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -212,8 +213,8 @@ def write_markdown(out: Path, syn_rows, hg_rows, info: dict) -> None:
         if r["method"] == "exhaustive" and r["capped"]:
             ms = f"> {1e3 * info['cap']:.0f} ({r['capped']}/{r['images']} images stopped at the cap)"
             mx = "—"
-            figs = ("not finished",) * 3 if not r["scored_images"] else (_f(r["dtt_mm"]), _f(r["fnr_pct"]),
-                                                                          _f(r["fpr_pct"]))
+            figs = ("not finished",) * 3 if not r["scored_images"] else tuple(
+                f"{_f(r[key])} ({r['scored_images']} finished images)" for key in ("dtt_mm", "fnr_pct", "fpr_pct"))
         else:
             ms, mx = _f(r["ms_mean"], 3), _f(r["ms_max"], 3)
             figs = (_f(r["dtt_mm"]), _f(r["fnr_pct"]), _f(r["fpr_pct"]))
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = safe_torch_load(args.classifier).get("metrics", {})
     import os
     import platform
-    info = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    info = {"date": time.strftime("%Y-%m-%d"), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                        f"{torch.__version__}, 1 thread (shared with other jobs: absolute times are noisy)",
             "data": args.data, "train": n_train, "images": n_img, "cap": args.cap,
