@@ -105,6 +105,13 @@ def test_every_bundled_config_fits_its_data_and_builds(name, tmp_path):
     and data fit, and the model builds with the filled-in arguments."""
     from engine.run import build_model
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", [f"data.root={tmp_path / 'none'}", "data.synthetic=true"])
+    if cfg.model.name == "look_once":     # spine_disc's point classifier: trained on label point sets, not images
+        from engine.tasks.spine_disc.look_once import look_once_args
+        from models.look_once import build_look_once
+        args = look_once_args(cfg)
+        assert cfg.data.task == "spine_disc"
+        assert sum(p.numel() for p in build_look_once(args.num_points, args.attention, args.width_div).parameters())
+        return
     cfg, task, info = prepare(cfg)
     model = build_model(cfg)
     assert cfg.model.args.get("num_keypoints", info.num_keypoints) == info.num_keypoints
