@@ -391,8 +391,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     if verify:
         batches = (1, 2) if dynamic_batch else (batch,)
         tol = tolerance(cfg.model.name)
-        sidecar["verified"] = {"atol": tol, "rtol": tol,
-                               **verify_export(model, exported["output_names"], out, fmt, input_chw, batches, tol)}
+        try:
+            figures = verify_export(model, exported["output_names"], out, fmt, input_chw, batches, tol)
+        except BaseException:
+            out.unlink(missing_ok=True)      # no file that disagrees with PyTorch is left to be deployed
+            raise
+        sidecar["verified"] = {"atol": tol, "rtol": tol, **figures}
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2))
     return sidecar
 

@@ -143,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "checkpoint's sha256). The export is checked against PyTorch (fp32, 1e-4). "
                                    "`medpose predict --onnx OUT` reproduces `predict --checkpoint`.")
     xp.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    xp.add_argument("--format", dest="export_format", default="onnx", help="onnx (default) or torchscript")
+    xp.add_argument("--format", dest="export_format", default="onnx", metavar="FORMAT",
+                    help="onnx (default) or torchscript")
     xp.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt)")
     xp.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (default: fixed)")
     xp.add_argument("--batch", type=int, default=1, help="the fixed batch size without --dynamic-batch (default 1)")

@@ -269,3 +269,11 @@ def test_export_errors_are_one_line(fetal_run, tmp_path, capsys, monkeypatch):
                    f"medpose predict: error: {tmp_path / 'absent.onnx.json'}: no sidecar beside absent.onnx "
                    f"(medpose export writes <model file>.json; predict needs it for preprocessing and decoding)"]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_export_that_disagrees_with_pytorch_is_refused_and_removed(fetal_run, tmp_path, monkeypatch):
+    _, ckpt = fetal_run
+    monkeypatch.setattr(ex, "tolerance", lambda name: -1.0)      # no difference, not even 0, is within -1
+    with pytest.raises(ExportError, match="differs from PyTorch at batch 1"):
+        ex.export_checkpoint(ckpt, tmp_path / "m.onnx", "onnx")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
