@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import shutil
 import pickle
 import platform
 import random
@@ -115,13 +116,22 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+SHARDS_DIR = "deepspeed"   # <ckpt dir>/deepspeed/<checkpoint stem>-<nonce>/: a DeepSpeed checkpoint's shard folder
+
+
 def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> None:
     """Rank 0, after publishing a checkpoint: delete all but the newest `keep_last` (at least 1: the newest is never
-    deleted), and the temp files of checkpoint writes that a killed process left behind (only rank 0 writes, and its
-    own write is complete, so any such file is stale)."""
+    deleted) with their DeepSpeed shard folders, and the temp files of checkpoint writes that a killed process left
+    behind (only rank 0 writes, and its own write is complete, so any such file is stale). The shard folders go here
+    and not only at the start of the next save, which the last checkpoint of a run never has."""
     found = list_checkpoints(ckpt_dir)
+    shards = Path(ckpt_dir) / SHARDS_DIR
     for _, p in found[:-max(1, keep_last)]:
         p.unlink(missing_ok=True)
+        if shards.is_dir():
+            for d in shards.glob(f"{p.stem}-*"):
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
     for p in Path(ckpt_dir).glob(".ckpt_step*.pt.*.tmp"):
         p.unlink(missing_ok=True)
 

@@ -48,13 +48,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_torch_save, load_checkpoint_file, plain_state, safe_torch_load
+from .checkpoint import SHARDS_DIR, atomic_torch_save, load_checkpoint_file, plain_state, safe_torch_load
 from .faults import save_fault_hook
 from .config import DEEPSPEED_OWNED_KEYS, ConfigError, DeepSpeedConfig
 from .dist import DistInfo
 from .strategies import DDPStrategy, LossScaleSkip
 
-SHARDS_DIR = "deepspeed"
 FORMAT = "medpose-deepspeed-1"
 
 # Top-level DeepSpeed sections that have no constant in deepspeed.runtime.constants (checked for typos in `extra`).

@@ -230,8 +230,10 @@ def test_shard_folders_follow_their_checkpoint_files(tmp_path):
         (root / name).mkdir(parents=True)
     for name in ("ckpt_step00000002.pt", "ckpt_step00000004.pt", "ckpt_step00000006.pt", "best.pt"):
         (tmp_path / name).write_bytes(b"x")
-    prune_checkpoints(tmp_path, keep_last=2)  # the trainer removes ckpt_step2.pt
-    clean_shards(root, keep=None, stem=None)  # start of the next save: orphans (pruned, or a killed write) go
+    prune_checkpoints(tmp_path, keep_last=2)  # the trainer removes ckpt_step2.pt, and its shard folder with it
+    assert sorted(d.name for d in root.iterdir()) == ["best-new", "best-old", "ckpt_step00000004-bb",
+                                                      "ckpt_step00000006-cc", "ckpt_step00000008-partial"]
+    clean_shards(root, keep=None, stem=None)  # start of the next save: orphans (a killed write) go
     assert sorted(d.name for d in root.iterdir()) == ["best-new", "best-old", "ckpt_step00000004-bb",
                                                       "ckpt_step00000006-cc"]
     clean_shards(root, keep="best-new", stem="best")  # after best.pt was republished pointing to best-new
