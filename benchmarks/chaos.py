@@ -7,11 +7,13 @@ with `--resume auto`, then compared with the same job run without interruption.
     python benchmarks/chaos.py --out DIR --all                    # the three above, one table (the committed one)
 
 Kinds of kill, in a seeded shuffled rotation:
-  random  SIGKILL of the training process (under torchrun: of one rank, chosen at random) at a random moment after
-          the run has a checkpoint: during a step, the data loading, logging, a checkpoint write or an evaluation;
+  random  SIGKILL of the training process (under torchrun: of one rank, chosen at random) at a random moment within
+          two checkpoint intervals after the life has resumed from its checkpoint (the first life: after its first
+          checkpoint): during a step, the data loading, logging, a checkpoint write or an evaluation;
   save    inside a checkpoint write, the rank's share on disk but not published (engine/faults.py's in-save hook);
   eval    inside the evaluation of an evaluation step, its checkpoint written before (MEDPOSE_FAULT_KILL_IN_EVAL);
-  worker  SIGKILL of one of a rank's DataLoader worker processes at a random moment (the rank then fails).
+  worker  SIGKILL of one of a rank's DataLoader worker processes at such a moment (the rank then fails; a worker that
+          had already delivered its epoch's last batches dies unnoticed, and the kill is retried on a later one).
 Checks: every restart loaded a checkpoint (its log says "resumed from"); the final weights equal the uninterrupted
 run's bit for bit; metrics.jsonl equals it (every train and val row, every figure except samples/s, which is a
 timing); no temporary checkpoint files or orphan DeepSpeed shard folders remain.
@@ -154,36 +156,50 @@ def _run_life(job: Job, data: Path, run_dir: Path, life: Life, rng: random.Rando
             life.where = (f"checkpoint write of step {target}" if life.kind == "save" else
                           f"evaluation of step {target}") + (f", rank {rank}" if nproc > 1 else "")
     log = run_dir.parent / f"{run_dir.name}_life{timing['life']:02d}.log"
-    t0 = time.perf_counter()
+    t0, t_wall = time.perf_counter(), time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(_command(job, data, run_dir), env=_env(job, env_extra), cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         if life.kind in ("random", "worker"):
-            delay = rng.uniform(0.5 * timing["startup"], timing["startup"] + 2 * job.ckpt_every * timing["step"])
-            latest = run_dir / "checkpoints" / "latest"
-            while proc.poll() is None and (time.perf_counter() - t0 < delay or not latest.exists()):
+            # The moment is random within the training itself: a restart is first allowed to load its checkpoint
+            # (its log says "resumed from"), the first life to write one, so that every kill interrupts training
+            # and every restart is a resume. Then a uniform delay of up to two checkpoint intervals.
+            had_ckpt = (run_dir / "checkpoints" / "latest").exists()
+            t_ready = _wait_ready(proc, run_dir, log, had_ckpt)
+            delay = rng.uniform(0.0, 2 * job.ckpt_every * timing["step"])
+            while proc.poll() is None and time.perf_counter() - t_ready < delay:
                 time.sleep(0.02)
-            victims: list[psutil.Process] = []
-            deadline = time.perf_counter() + 20
-            while proc.poll() is None and not victims and time.perf_counter() < deadline:
-                ranks = _ranks(proc, nproc)
-                if life.kind == "random":
-                    victims = ranks[rng.randrange(len(ranks)):][:1] if len(ranks) == nproc else []
-                else:
-                    ranks = ranks[rng.randrange(len(ranks)):] + ranks if ranks else []
-                    victims = next(([w] for r in ranks for w in _workers(r)[:1]), [])
-                if not victims:
-                    time.sleep(0.05)
-            if victims:
+            # A worker's kill is fatal while its rank still waits for batches from it; one that has already
+            # delivered its epoch's last batches (prefetched) dies unnoticed, the loader shuts it down and the run goes
+            # on unchanged. Such a kill is retried on a later worker (at most 3 tries) and the note says so.
+            absorbed = 0
+            for _attempt in range(3 if life.kind == "worker" else 1):
+                victim = _pick_victim(proc, nproc, life.kind, rng)
+                if victim is None:
+                    break
                 step = _last_step(run_dir)
                 try:
-                    victims[0].send_signal(signal.SIGKILL)
-                    life.killed = True
-                    kind = "DataLoader worker" if life.kind == "worker" else "training process"
-                    life.where = (f"{kind} after step {step} ({time.perf_counter() - t0:.1f} s after the start"
-                                  f"{', ' + ('checkpoint being written' if _writing(run_dir) else 'mid-step') if life.kind == 'random' else ''})")
+                    victim.send_signal(signal.SIGKILL)
                 except psutil.Error:
-                    pass
+                    continue
+                life.killed = True
+                kind = "DataLoader worker" if life.kind == "worker" else "training process"
+                life.where = (f"{kind} after step {step} ({time.perf_counter() - t0:.1f} s after the start"
+                              f"{', ' + ('checkpoint being written' if _writing(run_dir, t_wall) else 'mid-step') if life.kind == 'random' else ''})")
+                if life.kind != "worker":
+                    break
+                t_kill = time.perf_counter()
+                while proc.poll() is None and time.perf_counter() - t_kill < max(15.0, 8 * timing["step"]):
+                    time.sleep(0.05)
+                if proc.poll() is not None:
+                    break
+                absorbed += 1
+            if absorbed and proc.poll() is None:
+                life.where += (f"; none of {absorbed} worker kills stopped the run (each landed after the worker's "
+                               f"last batch of its epoch)")
+            elif absorbed:
+                life.where += (f"; {absorbed} earlier worker kill(s) landed after the worker's last batch of its "
+                               f"epoch and changed nothing")
         try:
             proc.wait(timeout=900)
         except subprocess.TimeoutExpired:
@@ -202,8 +218,55 @@ def _run_life(job: Job, data: Path, run_dir: Path, life: Life, rng: random.Rando
     return life
 
 
-def _writing(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob(".*.tmp"))
+def _pick_victim(proc: subprocess.Popen, nproc: int, kind: str, rng: random.Random) -> psutil.Process | None:
+    """The process to kill: one rank at random ("random"), or a DataLoader worker of a rank chosen at random
+    ("worker"; the first rank with a live worker from there on). None if the job ends first (or within 20 s none
+    is found)."""
+    deadline = time.perf_counter() + 20
+    while proc.poll() is None and time.perf_counter() < deadline:
+        ranks = _ranks(proc, nproc)
+        if len(ranks) == nproc:
+            first = rng.randrange(nproc)
+            if kind == "random":
+                return ranks[first]
+            for r in ranks[first:] + ranks[:first]:
+                workers = [w for w in _workers(r) if _alive(w)]
+                if workers:
+                    return workers[0]
+        time.sleep(0.05)
+    return None
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _writing(run_dir: Path, since: float) -> bool:
+    """A checkpoint write of this life in progress: a temporary file newer than the life's start (one left by an
+    earlier life's killed write is removed by the resume, but may still be there)."""
+    for q in (run_dir / "checkpoints").glob(".*.tmp"):
+        try:
+            if q.stat().st_mtime >= since:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _wait_ready(proc: subprocess.Popen, run_dir: Path, log: Path, had_ckpt: bool) -> float:
+    """Wait until the life trains from a checkpoint: its log says "resumed from" (a restart), or the run has written
+    its first checkpoint (the first life). Returns that moment (perf_counter)."""
+    latest = run_dir / "checkpoints" / "latest"
+    while proc.poll() is None:
+        if had_ckpt and "resumed from" in log.read_text(errors="replace"):
+            break
+        if not had_ckpt and latest.exists():
+            break
+        time.sleep(0.05)
+    return time.perf_counter()
 
 
 def reference(job: Job, data: Path, run_dir: Path) -> dict:
@@ -264,7 +327,7 @@ def compare(run_dir: Path, ref_dir: Path) -> dict:
 
 def campaign(out: Path, strategy: str, kills: int, seed: int = 0, steps: int | None = None) -> Campaign:
     from data_pipelines.synthetic.hip import generate_hip_dataset
-    job = Job(strategy=strategy, steps=steps or max(40, 6 * kills))
+    job = Job(strategy=strategy, steps=steps or max(60, 10 * kills))
     data = out / "phantom"
     if not (data / "dataset.json").exists() and not any(data.glob("*.json")):
         generate_hip_dataset(data, 40, seed=3, image_hw=(96, 128))
@@ -339,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="work folder (phantom, runs, per-life logs, chaos.json, chaos.md)")
     ap.add_argument("--strategy", choices=list(STRATEGIES), default="single")
     ap.add_argument("--kills", type=int, default=20, help="kills per campaign (default 20; zero2 under --all: 5)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default max(40, 6 x kills))")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default max(60, 10 x kills))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--all", action="store_true", help="single and ddp with --kills, zero2 with 5")
     args = ap.parse_args(argv)
