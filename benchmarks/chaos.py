@@ -151,6 +151,10 @@ def _run_life(job: Job, data: Path, run_dir: Path, life: Life, rng: random.Rando
             life.kind = "random"
         else:
             rank = rng.randrange(nproc)
+            # The fault hook fires once per marker file (so that torchrun's own restarts get past it); a target step
+            # an earlier life already killed at must fire again here.
+            for marker in run_dir.glob(".fault_injected_*"):
+                marker.unlink()
             env_extra = {("MEDPOSE_FAULT_KILL_IN_SAVE" if life.kind == "save" else "MEDPOSE_FAULT_KILL_IN_EVAL"):
                          str(target), "MEDPOSE_FAULT_RANK": str(rank)}
             life.where = (f"checkpoint write of step {target}" if life.kind == "save" else
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "chaos.json").write_text(json.dumps({"campaigns": [{"summary": summarize(c), "lives": [asdict(lf) for lf in c.lives],
                                                                "reference_s": c.reference_s} for c in camps]}, indent=1))
     ok = all(summarize(c)["weights_equal"] and summarize(c)["metrics_equal"] and not summarize(c)["leftovers"]
-             and summarize(c)["restarts_loading"] == summarize(c)["restarts"] for c in camps)
+             and summarize(c)["restarts_loading"] == summarize(c)["restarts"]
+             and summarize(c)["kills"] == summarize(c)["kills_asked"] for c in camps)
     return 0 if ok else 1
 
 
