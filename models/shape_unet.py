@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hourglass import StackedHeatmapLoss
-from .unet import NORMS, DoubleConv
+from .unet import NORMS, unet_features, unet_layers
 
 WHERE = "models/shape_unet.py"
 
@@ -49,10 +49,7 @@ class ShapeUNet(nn.Module):
         self.depth, self.gradients = depth, gradients
         cin = in_channels * (3 if gradients else 1)
         chans = [width * 2 ** level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList([DoubleConv(cin, chans[0], norm)] +
-                                     [DoubleConv(chans[lv - 1], chans[lv], norm) for lv in range(1, depth + 1)])
-        self.decoder = nn.ModuleList([DoubleConv(chans[lv] + chans[lv - 1], chans[lv - 1], norm)
-                                      for lv in range(depth, 0, -1)])
+        self.encoder, self.decoder = unet_layers(cin, chans, norm)
         self.head = nn.Conv2d(chans[0], num_keypoints, 1)
 
     def shape_input(self, image_BCHW: torch.Tensor) -> torch.Tensor:
@@ -66,15 +63,7 @@ class ShapeUNet(nn.Module):
         step = 2 ** self.depth
         if h % step or w % step:
             raise ValueError(f"{WHERE}: input {h}x{w} must be divisible by 2^depth = {step}")
-        x = self.shape_input(image_BCHW)
-        skips = []
-        for level, block in enumerate(self.encoder):
-            x = block(x if level == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        for j, block in enumerate(self.decoder):
-            skip = skips[self.depth - j - 1]
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
-            x = block(torch.cat([x, skip], dim=1))
+        x = unet_features(self.shape_input(image_BCHW), self.encoder, self.decoder)
         return {"heatmap_BKHW": self.head(x)}
 
 

@@ -44,6 +44,31 @@ class DoubleConv(nn.Sequential):
             nn.ReLU(inplace=True))
 
 
+def unet_layers(in_channels: int, chans: list[int], norm: str) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The double-conv U-Net's encoder (chans[0] .. chans[depth]) and decoder; decoder[j] takes level (depth - j) up
+    to level (depth - j - 1). Shared by UNetMultiTask and ShapeUNet (their state_dict keys stay encoder.* /
+    decoder.*)."""
+    depth = len(chans) - 1
+    encoder = nn.ModuleList([DoubleConv(in_channels, chans[0], norm)] +
+                            [DoubleConv(chans[lv - 1], chans[lv], norm) for lv in range(1, depth + 1)])
+    decoder = nn.ModuleList([DoubleConv(chans[lv] + chans[lv - 1], chans[lv - 1], norm)
+                             for lv in range(depth, 0, -1)])
+    return encoder, decoder
+
+
+def unet_features(x: torch.Tensor, encoder: nn.ModuleList, decoder: nn.ModuleList) -> torch.Tensor:
+    """Full-resolution features of unet_layers' encoder and decoder: max-pool down, bilinear up, skips concatenated."""
+    skips = []
+    for level, block in enumerate(encoder):
+        x = block(x if level == 0 else F.max_pool2d(x, 2))
+        skips.append(x)
+    for j, block in enumerate(decoder):
+        skip = skips[len(decoder) - j - 1]
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        x = block(torch.cat([x, skip], dim=1))
+    return x
+
+
 class UNetMultiTask(nn.Module):
     """forward(image_BCHW) -> {"seg_logits_BCHW": (B, num_classes, H, W), "heatmap_BKHW": (B, K, H, W)}."""
 
@@ -59,11 +84,7 @@ class UNetMultiTask(nn.Module):
             raise ValueError(f"models/unet.py: heatmap_head needs num_keypoints >= 1, got {num_keypoints}")
         self.depth = depth
         chans = [width * 2 ** level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList([DoubleConv(in_channels, chans[0], norm)] +
-                                     [DoubleConv(chans[lv - 1], chans[lv], norm) for lv in range(1, depth + 1)])
-        # decoder[j] takes level (depth - j) up to level (depth - j - 1)
-        self.decoder = nn.ModuleList([DoubleConv(chans[lv] + chans[lv - 1], chans[lv - 1], norm)
-                                      for lv in range(depth, 0, -1)])
+        self.encoder, self.decoder = unet_layers(in_channels, chans, norm)
         self.seg_head = nn.Conv2d(chans[0], num_classes, 1)
         self.heatmap_head = nn.Conv2d(chans[0], num_keypoints, 1) if heatmap_head else None
 
@@ -72,15 +93,7 @@ class UNetMultiTask(nn.Module):
         step = 2 ** self.depth
         if h % step or w % step:
             raise ValueError(f"models/unet.py: input {h}x{w} must be divisible by 2^depth = {step}")
-        skips = []
-        x = image_BCHW
-        for level, block in enumerate(self.encoder):
-            x = block(x if level == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        for j, block in enumerate(self.decoder):
-            skip = skips[self.depth - j - 1]
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
-            x = block(torch.cat([x, skip], dim=1))
+        x = unet_features(image_BCHW, self.encoder, self.decoder)
         out = {"seg_logits_BCHW": self.seg_head(x)}
         if self.heatmap_head is not None:
             out["heatmap_BKHW"] = self.heatmap_head(x)
