@@ -26,11 +26,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
-# Benchmarks keep torch's default thread count (the realistic setting); the JSON lands in .benchmarks/.
+# Benchmarks keep torch's default thread count (the realistic setting); the JSON lands in .benchmarks/latest.json, is
+# recorded in benchmarks/history/ (machine, commit, versions) and compared with the previous run on a comparable
+# machine. `make bench BENCH=benchmarks/bench_heatmaps.py BENCH_NOTES="machine busy"` runs one file and keeps a note.
+# With pygal installed, add --benchmark-histogram to the pytest line for SVG histograms (not in requirements-lock.txt).
+BENCH       ?= benchmarks
+BENCH_NOTES ?=
 bench: $(STAMP)
 	mkdir -p .benchmarks
-	NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg $(BIN)/python -m pytest -q benchmarks -o python_files='bench_*.py' \
+	NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg $(BIN)/python -m pytest -q $(BENCH) -o python_files='bench_*.py' \
 		--benchmark-only --benchmark-columns=mean,stddev,ops --benchmark-json=.benchmarks/latest.json
+	$(BIN)/python benchmarks/history.py record .benchmarks/latest.json --notes "$(BENCH_NOTES)"
+	$(BIN)/python benchmarks/compare.py --no-fail
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
