@@ -303,7 +303,7 @@ def test_readme_table_is_regenerated_idempotently_and_only_inside_the_markers(tm
     assert "| train_levers | g: eager | 100 samples/s | Test CPU 9000, 8 CPUs (no GPU) [1] | 2026-01-01, aaaaaaaa |" \
         in lines
     # pytest-benchmark: one line per group, ratios to the group's best; samples/s where reported
-    assert "| bench_fake | heatmaps 128x160 K=6 | numpy-128x160 150 µs (5× numba-128x160) · numba-128x160 30 µs | " \
+    assert "| bench_fake | heatmaps 128x160 K=6 | numpy 150 µs (5× numba) · numba 30 µs | " \
            "NVIDIA H200 | 2026-01-03, bbbbbbbb (dirty) |" in lines
     assert "| bench_fake | loader 128x160 | w0-cached 256 samples/s | NVIDIA H200 | 2026-01-03, bbbbbbbb (dirty) |" \
         in lines
@@ -316,6 +316,15 @@ def test_readme_table_is_regenerated_idempotently_and_only_inside_the_markers(tm
     compare.main(["--history", str(hist), "--readme", str(readme)])
     text = readme.read_text()
     assert "g: eager | 90 samples/s" in text and "compiled" not in text and "bench_fake" in text
+
+
+def test_short_labels_drop_the_parameters_a_group_shares():
+    rows = [{"name": f"t[{x}]", "label": x} for x in ("numpy-128x160", "numba-128x160", "torch-128x160")]
+    assert compare.short_labels(rows) == {"t[numpy-128x160]": "numpy", "t[numba-128x160]": "numba",
+                                          "t[torch-128x160]": "torch"}
+    rows = [{"name": x, "label": x} for x in ("w0-cached", "w2-cached", "w2-decode")]
+    assert compare.short_labels(rows) == {x: x for x in ("w0-cached", "w2-cached", "w2-decode")}
+    assert compare.short_labels([{"name": "a-b", "label": "a-b"}]) == {"a-b": "a-b"}
 
 
 def test_readme_rows_are_capped_and_markers_are_required(tmp_path, capsys):
