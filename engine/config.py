@@ -268,6 +268,35 @@ class DistConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed levers of the training step, each switchable on its own (benchmarks/train_levers.py measures each alone
+    and all together against a plain PyTorch loop). None changes what is computed except `train.precision` (not
+    here) and channels_last/compile, which reorder floating-point work (results equal to rounding)."""
+    channels_last: bool = False
+    """Model weights and input batches in channels-last (NHWC) memory format: oneDNN convolutions on the CPU and
+    tensor-core convolutions on the GPU prefer it."""
+    compile: Literal["none", "model", "loss", "both"] = "none"
+    """torch.compile the model, the criterion or both, in place (state_dict keys unchanged). The first steps pay the
+    compilation (minutes for the largest networks on a CPU)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode; reduce-overhead adds CUDA graphs on the GPU (host-bound small networks)."""
+    optimizer_impl: Literal["auto", "for", "foreach", "fused"] = "auto"
+    """The optimizer's implementation: auto = torch's default, for = one parameter at a time, foreach = multi-tensor,
+    fused = one fused kernel (adam, adamw, sgd)."""
+    host_sync: Literal["step", "log"] = "step"
+    """step: the loss finiteness, the loss parts and the gradient norm are read back to the host every micro-batch
+    (the NaN guard decides on the spot). log: they stay on the device and are read once per train.log_every and
+    before every checkpoint, so the host never waits for the device; a non-finite step is still never applied (the
+    fused optimizer skips it on the device), counted and handled by train.nan_policy at the next read. Needs
+    optim.name adam/adamw, precision fp32/bf16 and a single/ddp strategy; the LR schedule then advances on
+    skipped steps too."""
+    cpu_malloc: Literal["auto", "system", "keep"] = "auto"
+    """keep: glibc keeps freed memory for reuse instead of returning each large block to the OS (every large tensor
+    of every step would otherwise be page-faulted in afresh: ~1.5x slower steps measured on a 2-core CPU); system:
+    glibc's defaults; auto: keep when training on the CPU under glibc."""
+
+
+@dataclass
 class LogConfig:
     runs_root: str = "runs"
     """Where run directories are created."""
@@ -329,6 +358,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from .evaluate import evaluate_dataset
 from .fitting import check_fit, shape_model_by_data
 from .logger import LOG, log_failure, setup_console_logging
 from .plots import plot_training_curves
+from .perf import check_perf
 from .report import write_report
 from .strategies import build_strategy, check_resumable
 from .tasks import build_task
@@ -99,6 +100,7 @@ def prepare(cfg: Config):
     task = build_task(cfg.data.task, cfg.eval.task_args)
     check_model_args(cfg)
     make_criterion_check(cfg)
+    check_perf(cfg, cfg.dist.strategy, cfg.train.precision)
     info = describe(cfg)
     cfg = shape_model_by_data(cfg, info)
     check_fit(cfg, task, info)

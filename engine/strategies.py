@@ -97,6 +97,25 @@ class SingleStrategy:
             self.scheduler.step()
         return norm_value
 
+    def step_deferred(self, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """perf.host_sync=log: clip and step without reading the device. The step is skipped on the device when the
+        gradient norm is not finite or `bad_loss` (a 0-d tensor, > 0 when some rank's loss was not finite) is set:
+        the fused Adam/AdamW kernel leaves weights, moments and its step count unchanged under found_inf. The LR
+        schedule advances either way. Returns (grad norm before clipping, found: 1.0 when skipped) on the device."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        found = ((~torch.isfinite(norm)) | (bad_loss.to(norm.device) > 0)).to(torch.float32)
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, found
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return norm, found
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -28,6 +28,7 @@ from .checkpoint import (capture_rng, checkpoint_path, find_latest, prune_checkp
 from .config import Config
 from .faults import FAULT_RANK_ENV, FAULT_STEP_ENV, inject_fault, trace_samples  # noqa: F401 (re-exported)
 from .logger import LOG, RunLogger
+from .perf import apply_cpu_malloc, compile_modules, optimizer_kwargs, prepare_model, to_memory_format
 from .strategies import LossScaleSkip
 
 
@@ -85,7 +86,12 @@ class Trainer:
         self.info = strategy.info
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.malloc = apply_cpu_malloc(cfg.perf.cpu_malloc, self.info.device)
+        model = prepare_model(cfg, model)
         self.criterion = criterion.to(self.info.device)
+        compile_modules(cfg, model, self.criterion)
+        self.deferred = cfg.perf.host_sync == "log"
+        self._pending: list[tuple[int, dict[str, torch.Tensor], float]] = []  # host_sync=log: steps not yet read
         self.train_set = train_set
         self.evaluate_fn = evaluate_fn
         self.extra_state = extra_state
@@ -204,20 +210,23 @@ class Trainer:
         batch = batch.to(self.info.device, non_blocking=True)
         with self.strategy.accumulate(is_boundary):
             with self.strategy.autocast():
-                outputs = self.model(batch.image_BCHW)
+                outputs = self.model(to_memory_format(self.cfg, batch.image_BCHW))
             outputs = {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in outputs.items()}
             losses = self.criterion(outputs, batch.targets())
             loss = losses["loss"]
+            if self.deferred:  # nothing read back: the parts stay on the device until the next flush
+                self.strategy.backward(loss)
+                return {k: v.detach().to(torch.float64) for k, v in losses.items()}
             bad = torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0)
             if self.strategy.all_reduce_max(bad).item() > 0:  # every rank must take the same branch
                 return None
             self.strategy.backward(loss)
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    def _handle_bad(self, what: str, detail: str) -> None:
+    def _handle_bad(self, what: str, detail: str, step: int | None = None) -> None:
         self.skipped_in_a_row += 1
         self.skipped_total += 1
-        msg = (f"step {self.step}: {what} is not finite ({detail}); last good checkpoint: "
+        msg = (f"step {self.step if step is None else step}: {what} is not finite ({detail}); last good checkpoint: "
                f"{find_latest(self.ckpt_dir) or 'none yet'}")
         if self.cfg.train.nan_policy == "stop":
             raise TrainingDiverged(msg + ". Lower optim.lr, set optim.grad_clip, or set train.nan_policy=skip.")
@@ -242,6 +251,9 @@ class Trainer:
         self.model.train()
         self.criterion.train()
         accum = self.cfg.train.grad_accum
+        if self.deferred:
+            self._train_step_deferred(batches, accum)
+            return None
         parts: dict[str, float] = {}
         for i in range(accum):
             out = self._forward_backward(next(batches), is_boundary=(i == accum - 1))
@@ -266,6 +278,45 @@ class Trainer:
         parts["grad_norm"] = grad_norm
         parts["lr"] = self.optimizer.param_groups[0]["lr"]
         return parts
+
+    def _train_step_deferred(self, batches: Iterator[Batch], accum: int) -> None:
+        """perf.host_sync=log: forward/backward/step with no read of the device. A non-finite loss (on any rank) or
+        gradient norm makes the fused optimizer skip the step on the device; flush() reads the outcome later."""
+        parts: dict[str, torch.Tensor] = {}
+        for i in range(accum):
+            out = self._forward_backward(next(batches), is_boundary=(i == accum - 1))
+            for k, v in out.items():
+                parts[k] = parts[k] + v / accum if k in parts else v / accum
+        bad = (~torch.isfinite(parts["loss"])).to(torch.float64)
+        bad = self.strategy.all_reduce_max(bad)   # on the device: every rank skips the same steps
+        grad_norm, found = self.strategy.step_deferred(bad)
+        parts["grad_norm"] = grad_norm.detach().to(torch.float64)
+        parts["_found"] = found.to(torch.float64)
+        self._pending.append((self.step, parts, float(self.optimizer.param_groups[0]["lr"])))
+
+    def flush(self) -> float | None:
+        """perf.host_sync=log: read every pending step's figures in one transfer, then count skipped steps (and
+        apply train.nan_policy) and add the good ones to the metrics window exactly as host_sync=step does. Returns the
+        last good step's loss (None when nothing was pending or it was skipped)."""
+        if not self._pending:
+            return None
+        keys = sorted(self._pending[0][1])
+        rows = torch.stack([torch.stack([parts[k].reshape(()) for k in keys]) for _, parts, _ in self._pending])
+        pending, self._pending = self._pending, []
+        last = None
+        for (step, _, lr), values in zip(pending, rows.cpu().tolist()):
+            row = dict(zip(keys, values))
+            if row.pop("_found") > 0:
+                last = None
+                self._handle_bad("loss or gradient norm", "NaN/Inf; the step was not applied", step=step)
+                continue
+            self.skipped_in_a_row = 0
+            row["lr"] = lr
+            for k, v in row.items():
+                self.window[k] = self.window.get(k, 0.0) + v
+            self.n_window += 1
+            last = row["loss"]
+        return last
 
     # ------------------------------------------------------------------ the loop
     def _is_better(self, value: float) -> bool:
@@ -324,7 +375,9 @@ class Trainer:
             while self.step < end:
                 parts = self.train_step(batches)
                 self.step += 1
-                if parts is not None:
+                if self.deferred:
+                    logger.progress(1)
+                elif parts is not None:
                     for k, v in parts.items():
                         self.window[k] = self.window.get(k, 0.0) + v
                     self.n_window += 1
@@ -332,6 +385,9 @@ class Trainer:
                 else:
                     logger.progress(1, skipped=self.skipped_total + self.scale_skips_total)
                 if self.step % tc.log_every == 0 or self.step == end:
+                    last_loss = self.flush()
+                    if last_loss is not None:
+                        logger.progress(0, loss=last_loss, lr=self.optimizer.param_groups[0]["lr"])
                     n = torch.tensor(float(self.n_window))
                     sums = {k: self.strategy.all_reduce_sum(torch.tensor(v, dtype=torch.float64))
                             for k, v in sorted(self.window.items())}
@@ -347,11 +403,13 @@ class Trainer:
                     self.window, self.n_window, t0 = {}, 0, time.perf_counter()
                 eval_due = self._eval_due(self.step)
                 if eval_due or self._ckpt_due(self.step):
+                    self.flush()                # host_sync=log: skipped steps counted (or the run stopped) first
                     self.save()                 # before evaluating: a failure there loses no training
                 if eval_due:
                     last_val = self._evaluate(logger)
                 inject_fault(self.step, self.info.rank, self.run_dir)
             if not (self._eval_due(self.step) or self._ckpt_due(self.step)):
+                self.flush()
                 self.save()
             if self.evaluate_fn is not None and not self._eval_due(self.step):
                 last_val = self._evaluate(logger)
@@ -368,13 +426,14 @@ class Trainer:
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     oc = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
+    impl = optimizer_kwargs(cfg)  # perf.optimizer_impl: foreach / fused / one tensor at a time
     if oc.name == "adam":
-        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay, **impl)
     if oc.name == "adamw":
-        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
+        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay, **impl)
     if oc.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+        return torch.optim.RMSprop(params, lr=oc.lr, weight_decay=oc.weight_decay, **impl)
+    return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay, **impl)
 
 
 def lr_factor(step: int, cfg: Config) -> float:

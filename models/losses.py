@@ -79,13 +79,14 @@ class CoVWeighting(nn.Module):
         self.register_buffer("weights", torch.full((num_losses,), 1.0 / num_losses, dtype=torch.float64))
 
     def current_weights(self) -> torch.Tensor:
-        n = int(self.count)
+        """Written without reading the device (torch.where, no int()/bool() of a buffer): on a GPU the host never
+        waits for the loss balancing."""
+        n = self.count.to(self.m2_l.dtype).clamp_min(1.0)
         uniform = torch.full_like(self.mean_l, 1.0 / self.num_losses)
-        if n < self.warmup:
-            return uniform
         cv = torch.sqrt(self.m2_l / n + self.eps) / self.mean_l.clamp_min(self.eps)
         total = cv.sum()
-        return cv / total if bool(total > self.eps) else uniform
+        use_cv = (self.count >= self.warmup) & (total > self.eps)
+        return torch.where(use_cv, cv / total, uniform)
 
     @torch.no_grad()
     def forward(self, losses_T: torch.Tensor) -> torch.Tensor:
@@ -100,8 +101,8 @@ class CoVWeighting(nn.Module):
         return weights.to(torch.float32)
 
     def _update(self, loss_T: torch.Tensor) -> None:
-        n = int(self.count) + 1
-        ref = loss_T if n == 1 else self.mean_L
+        n = (self.count + 1).to(self.mean_L.dtype)
+        ref = torch.where(self.count == 0, loss_T, self.mean_L)
         ratio = loss_T / ref.clamp_min(self.eps)
         delta = ratio - self.mean_l
         self.mean_l += delta / n

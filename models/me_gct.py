@@ -49,10 +49,19 @@ class MEGCT(nn.Module):
                                   group_norm(channels, gn_groups), nn.ReLU(inplace=True))
         nn.init.kaiming_normal_(self.fuse[0].weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, expert_feats: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if len(expert_feats) != self.num_experts:
-            raise ValueError(f"models/me_gct.py: MEGCT built for {self.num_experts} experts, got {len(expert_feats)}")
-        x_BCHW = torch.cat(list(expert_feats), dim=1)
+    def forward(self, expert_feats: list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.Tensor) -> torch.Tensor:
+        """expert_feats: the E experts' features of this level, or their channel concatenation (B, E*C, H, W) when
+        the caller shares one concatenation between several fusion module sets."""
+        if torch.is_tensor(expert_feats):
+            x_BCHW = expert_feats
+            if x_BCHW.shape[1] != self.gate.alpha.shape[1]:
+                raise ValueError(f"models/me_gct.py: MEGCT built for {self.gate.alpha.shape[1]} concatenated "
+                                 f"channels, got {x_BCHW.shape[1]}")
+        else:
+            if len(expert_feats) != self.num_experts:
+                raise ValueError(f"models/me_gct.py: MEGCT built for {self.num_experts} experts, got "
+                                 f"{len(expert_feats)}")
+            x_BCHW = torch.cat(list(expert_feats), dim=1)
         if not self.fused:
             return self.fuse(self.gate(x_BCHW))
         conv, norm, act = self.fuse
@@ -68,5 +77,5 @@ class MEGCTSet(nn.Module):
         super().__init__()
         self.levels = nn.ModuleList(MEGCT(num_experts, c, gn_groups, eps, fused) for c in level_channels)
 
-    def forward(self, per_level_expert_feats: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    def forward(self, per_level_expert_feats: list[tuple[torch.Tensor, ...] | torch.Tensor]) -> list[torch.Tensor]:
         return [m(feats) for m, feats in zip(self.levels, per_level_expert_feats)]

@@ -112,6 +112,8 @@ class MultiHipPoseNet(nn.Module):
         self._check_input(image_BCHW)
         per_expert = [expert(image_BCHW) for expert in self.experts]
         per_level = list(zip(*per_expert))                      # 5 levels x E experts
+        if len(self.fusions) > 1:  # per-task fusion sets gate the same concatenation: build it once per level
+            per_level = [torch.cat(level, dim=1) for level in per_level]
         fused = [fusion(per_level) for fusion in self.fusions]
         enc_by_task = [fused[t % len(fused)] for t in range(len(self.decoders))]
         first = [dec.levels(enc) for dec, enc in zip(self.decoders, enc_by_task)]
