@@ -107,20 +107,40 @@ def test_channels_last_and_optimizer_impls_train_alike(tmp_path, phantom_root): 
     assert losses["fused_cl"] != losses["ref"]   # the levers were in effect
 
 
-def test_compile_keeps_state_dict_keys_and_values(tmp_path, phantom_root):  # noqa: F811
-    pytest.importorskip("torch._inductor")
-    base = [c for c in COMMON if not c.startswith("perf.")] + ["train.max_steps=2"]
-    base = [c for c in base if c != "train.max_steps=8"] + ["train.log_every=1"]
+def test_compile_keeps_the_modules_state_dict_keys_and_outputs():
+    """nn.Module.compile in place: same object, same state_dict keys (no `_orig_mod.` prefix), same outputs and
+    gradients within rounding (a small network: compiling MultiHipPoseNet takes minutes on a CPU)."""
+    from engine.perf import compile_modules
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 2, 1))
+    criterion = torch.nn.MSELoss()
+    x, y = torch.randn(2, 3, 16, 16), torch.randn(2, 2, 16, 16)
+    keys = list(model.state_dict())
+    eager = criterion(model(x), y)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compile_modules(load_config(None, ["perf.compile=both"]), model, criterion)
+    compiled = criterion(model(x), y)
+    compiled.backward()
+    assert list(model.state_dict()) == keys
+    assert float(compiled) == pytest.approx(float(eager), rel=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_with_a_compiled_criterion_trains_like_eager(tmp_path, phantom_root):  # noqa: F811
+    base = [c for c in COMMON if c != "train.max_steps=8"] + ["train.max_steps=4", "train.log_every=2",
+                                                              "train.ckpt_every=4"]
     train(_cfg(tmp_path / "eager", phantom_root, *base), final_test=False)
-    train(_cfg(tmp_path / "compiled", phantom_root, *base, "perf.compile=both"), final_test=False)
-    a = torch.load(tmp_path / "eager" / "checkpoints" / "ckpt_step00000002.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "compiled" / "checkpoints" / "ckpt_step00000002.pt", weights_only=True)["model"]
-    assert list(a) == list(b) and not any("_orig_mod" in k for k in b)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+    train(_cfg(tmp_path / "compiled", phantom_root, *base, "perf.compile=loss"), final_test=False)
     la = [r["loss"] for r in _rows(tmp_path / "eager")]
     lb = [r["loss"] for r in _rows(tmp_path / "compiled")]
-    assert lb == pytest.approx(la, rel=1e-4)
+    assert len(la) == 2 and lb == pytest.approx(la, rel=1e-4)
+    a = torch.load(tmp_path / "eager" / "checkpoints" / "ckpt_step00000004.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "compiled" / "checkpoints" / "ckpt_step00000004.pt", weights_only=True)["model"]
+    assert list(a) == list(b)
 
 
 @pytest.mark.parametrize("overrides, match", [
