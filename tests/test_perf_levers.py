@@ -182,3 +182,34 @@ def test_cpu_malloc_keep_stops_page_faults_of_reallocated_tensors():
         faults[mode] = int(out.stdout.strip().splitlines()[-1])
     assert faults["system"] >= 20 * 16_000, faults
     assert faults["keep"] < 2 * 16_384, faults
+
+
+def test_host_sync_log_under_ddp_equals_host_sync_step(tmp_path, phantom_root):  # noqa: F811
+    """2 ranks (torchrun, gloo): the finiteness flag is all-reduced on the device and the window read at the log
+    line; metrics.jsonl and the final weights equal host_sync=step's."""
+    from _dist_utils import torchrun
+    from test_train_e2e import TINY
+    for mode in ("step", "log"):
+        torchrun(["-m", "launch.cli", "train", "--no-test", *TINY, f"data.root={phantom_root}",
+                  f"log.run_dir={tmp_path / mode}", *COMMON, "train.batch_size=2", f"perf.host_sync={mode}"],
+                 nproc=2)
+    assert _rows(tmp_path / "step") == _rows(tmp_path / "log") and len(_rows(tmp_path / "log")) == 2
+    a, b = _weights(tmp_path / "step"), _weights(tmp_path / "log")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_per_task_fusion_sets_share_one_concatenation_with_the_same_result():
+    """MultiHipPoseNet concatenates each level's expert features once for both task fusion sets; an ME-GCT module
+    given the concatenation answers what it answers given the list."""
+    from models.me_gct import MEGCT
+    torch.manual_seed(0)
+    m = MEGCT(num_experts=3, channels=8, gn_groups=4)
+    with torch.no_grad():
+        m.gate.gamma.fill_(0.7)
+        m.gate.beta.fill_(0.1)
+    feats = [torch.randn(2, 8, 5, 6) for _ in range(3)]
+    a = m(feats)
+    b = m(torch.cat(feats, dim=1))
+    assert torch.equal(a, b) and float(a.abs().sum()) > 0
+    with pytest.raises(ValueError, match="24 concatenated channels, got 16"):
+        m(torch.cat(feats[:2], dim=1))
