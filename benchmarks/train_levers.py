@@ -160,18 +160,10 @@ def _run_one(name: str, steps: int, warmup: int, quick: bool, timeout: int) -> d
 
 
 def machine() -> str:
-    import platform
-
     import torch
-    cpu = platform.processor() or "x86_64"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+    from history import _cpu_model
+    return f"{_cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def table(results: dict[str, list[float]], first: dict[str, list[float]], batch: int) -> tuple[str, list[dict]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import platform
 from typing import Any
 
@@ -15,8 +14,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError
-
-LOG = logging.getLogger("medpose")
+from .logger import LOG
 
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
 DEFERRED_OPTIMIZERS = ("adam", "adamw")   # their fused kernels skip a step on the device (found_inf), moments intact

@@ -80,9 +80,7 @@ class SingleStrategy:
         inf/NaN gradients and backed off (step not applied); None when the norm is not finite without a scaler
         (the caller decides whether that stops the run)."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = self._clip_grads()
         norm_value = float(norm)
         if not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
@@ -102,9 +100,7 @@ class SingleStrategy:
         gradient norm is not finite or `bad_loss` (a 0-d tensor, > 0 when some rank's loss was not finite) is set:
         the fused Adam/AdamW kernel leaves weights, moments and its step count unchanged under found_inf. The LR
         schedule advances either way. Returns (grad norm before clipping, found: 1.0 when skipped) on the device."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = self._clip_grads()
         found = ((~torch.isfinite(norm)) | (bad_loss.to(norm.device) > 0)).to(torch.float32)
         self.optimizer.grad_scale, self.optimizer.found_inf = None, found
         try:
@@ -115,6 +111,12 @@ class SingleStrategy:
         if self.scheduler is not None:
             self.scheduler.step()
         return norm, found
+
+    def _clip_grads(self) -> torch.Tensor:
+        """The global gradient norm before clipping (a device tensor), clipping to grad_clip when it is set."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
