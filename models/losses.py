@@ -117,6 +117,9 @@ class MultiHipPoseCriterion(nn.Module):
     outputs: seg_logits_BCHW, heatmap_BKHW. targets: mask_BHW (int64), kpts_visible_BK (bool), heatmap_BKHW (float,
     peak `heatmap_peak`) — or, when heatmap_BKHW is absent and sigma_px is set, kpts_px_BK2 rendered here.
     balance="cov" (published) or "fixed" (fixed_weights).
+    seg_loss: None (published: focal + soft Dice, class-weighted focal) or a weighted sum of segmentation terms
+    written as for the segmentation zoo (models/losses_seg.py), e.g. "ce + dice"; class_weights apply to its wce and
+    focal terms. A weighted head class biases the mask boundary outwards (tests/test_hc_bias.py).
     """
 
     requires_masks = True           # the engine checks the data gives masks before training (engine/fitting.py)
@@ -125,7 +128,7 @@ class MultiHipPoseCriterion(nn.Module):
                  focal_gamma: float = 2.0, dice_smooth: float = 1e-5, kpt_joint_weight: float = 0.25,
                  kpt_scale: float = 0.7, kpt_base: float = 1.004, balance: str = "cov", warmup_iters: int = 3,
                  fixed_weights: Sequence[float] = (0.5, 0.5), sigma_px: float | None = None,
-                 heatmap_peak: float = 255.0):
+                 heatmap_peak: float = 255.0, seg_loss: str | dict | None = None):
         super().__init__()
         if class_weights is None:
             class_weights = [1.0] + [5.0] * (num_classes - 1)
@@ -144,15 +147,25 @@ class MultiHipPoseCriterion(nn.Module):
         self.balance = balance
         self.fixed_weights = tuple(float(w) for w in fixed_weights)
         self.balancer = CoVWeighting(2, warmup_iters)
+        self.seg_terms = None
+        if seg_loss is not None:
+            from .losses_seg import SegCriterion      # losses_seg imports this module
+            self.seg_terms = SegCriterion(num_classes, seg_loss, class_weights, focal_gamma, focal_alpha)
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits, heat = _get(outputs, "seg_logits_BCHW", "outputs"), _get(outputs, "heatmap_BKHW", "outputs")
         mask = self._mask(_get(targets, "mask_BHW", "targets"), logits)
         visible = _get(targets, "kpts_visible_BK", "targets").to(heat.device)
         target_heat = self._target_heatmap(targets, heat, visible)
-        loss_focal = focal_loss(logits, mask, self.class_weights, self.focal_alpha, self.focal_gamma)
-        loss_dice = soft_dice_loss(logits, mask, self.dice_smooth)
-        loss_seg = loss_focal + loss_dice
+        if self.seg_terms is not None:
+            seg_parts: dict[str, torch.Tensor] = {}
+            loss_seg = self.seg_terms._sum(logits, mask, seg_parts)
+            loss_focal = seg_parts.get("loss_focal", loss_seg.new_zeros(()))
+            loss_dice = seg_parts.get("loss_dice", loss_seg.new_zeros(()))
+        else:
+            loss_focal = focal_loss(logits, mask, self.class_weights, self.focal_alpha, self.focal_gamma)
+            loss_dice = soft_dice_loss(logits, mask, self.dice_smooth)
+            loss_seg = loss_focal + loss_dice
         loss_kpt = weighted_heatmap_mse(heat, target_heat, visible, self.kpt_joint_weight, self.kpt_scale,
                                         self.kpt_base)
         if self.balance == "cov":
