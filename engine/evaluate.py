@@ -19,6 +19,7 @@ from data_pipelines.sampler import ShardedSampler
 from data_pipelines.transforms import warp_image, warp_points
 from models.flip_test import flip_average
 
+from .ensemble import Ensemble
 
 
 def to_original_points(kpts_px_K2: np.ndarray, to_input_3x3) -> np.ndarray:
@@ -37,18 +38,30 @@ def _as_float(outputs: dict) -> dict:
     return {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in outputs.items()}
 
 
-@torch.no_grad()
-def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callable, autocast,
-                  flip_pairs: Sequence[tuple[int, int]] | None = None) -> tuple[dict, dict]:
-    """(float32 outputs, decoded predictions) of one batch. With flip_pairs not None (flip test; an empty tuple swaps
-    no landmark) a second pass sees the horizontally mirrored images and models/flip_test.flip_average maps it back
-    and averages it with the first before decoding, so decoding and the loss see the averaged outputs."""
+def _float_outputs(model: nn.Module, image_BCHW: torch.Tensor, autocast,
+                   flip_pairs: Sequence[tuple[int, int]] | None) -> dict:
+    """One network's float32 outputs of a batch, flip-averaged when flip_pairs is not None (predict_batch)."""
     with autocast():
         outputs = model(image_BCHW)
         flipped = model(image_BCHW.flip(-1)) if flip_pairs is not None else None
     outputs = _as_float(outputs)
     if flipped is not None:
         outputs = flip_average(outputs, _as_float(flipped), flip_pairs, int(image_BCHW.shape[-1]))
+    return outputs
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callable, autocast,
+                  flip_pairs: Sequence[tuple[int, int]] | None = None) -> tuple[dict, dict]:
+    """(float32 outputs, decoded predictions) of one batch. With flip_pairs not None (flip test; an empty tuple swaps
+    no landmark) a second pass sees the horizontally mirrored images and models/flip_test.flip_average maps it back
+    and averages it with the first before decoding, so decoding and the loss see the averaged outputs. An
+    engine/ensemble.Ensemble runs each member so (its own flip test included) and averages the members' float
+    outputs key by key before decoding: the mean over members of each member's flip-averaged outputs."""
+    if isinstance(model, Ensemble):
+        outputs = model.average([_float_outputs(m, image_BCHW, autocast, flip_pairs) for m in model.members])
+    else:
+        outputs = _float_outputs(model, image_BCHW, autocast, flip_pairs)
     return outputs, decode_fn(outputs)
 
 

@@ -41,14 +41,26 @@ def _progress(items, enabled: bool, total: int):
 
 
 @torch.no_grad()
-def predict_files(checkpoint: str | Path, inputs: list[str | Path], out_dir: Path,
+def predict_files(checkpoint: str | Path | list[str | Path], inputs: list[str | Path], out_dir: Path,
                   device: torch.device | None = None, batch_size: int = 8, overlays: int | None = None,
                   skip_bad: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Predict every input (files, folders, globs); returns the rows also written to predictions.csv / .json.
     overlays: how many overlay PNGs to draw (None: one per input; 0: none). skip_bad: an input that does not read
-    is logged and listed in predictions.json's "skipped" instead of stopping the run."""
+    is logged and listed in predictions.json's "skipped" instead of stopping the run. `checkpoint`: a file, or a
+    list of checkpoints / a folder of fold_<k> runs: more than one predicts with their ensemble (engine/ensemble.py:
+    raw outputs averaged per batch, each member's flip test first; the first checkpoint's config, reader and
+    preprocessing)."""
     from .run import load_for_inference    # here, not at import: `predict --onnx` never loads the training stack
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if isinstance(checkpoint, (list, tuple)) or Path(checkpoint).is_dir():
+        from .ensemble import load_ensemble, resolve_checkpoints
+        paths = resolve_checkpoints(list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint])
+        if len(paths) > 1:
+            log.info("predict: ensemble of %d checkpoints: %s", len(paths), ", ".join(map(str, paths)))
+            model, cfg, task, state = load_ensemble(paths, device)
+            return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad,
+                                progress)
+        checkpoint = paths[0]
     model, cfg, task, state = load_for_inference(checkpoint, device)
     return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad, progress)
 

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -434,12 +434,19 @@ def robustness(cfg: Config, task, strategy, data: dict, split: str, model, crite
     return out
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path, split: str = "test"
-                        ) -> dict[str, Any] | None:
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path | Sequence[str | Path], out_dir: str | Path,
+                        split: str = "test") -> dict[str, Any] | None:
     """`medpose eval`: the checkpoint's weights on the config's data; split test / val / train of the run's
     splits, or "all" (every sample of data.root scored, no splitting: a model scored on another dataset as a whole).
-    Report + figures in out_dir."""
+    Report + figures in out_dir. `checkpoint` may also be a list of checkpoints, or a folder of fold_<k> runs (a
+    `train --folds` base): more than one checkpoint is evaluated as their ensemble (evaluate_ensemble)."""
     from .consolidate import checkpoint_weights
+    from .ensemble import resolve_checkpoints
+    if isinstance(checkpoint, (list, tuple)) or Path(checkpoint).is_dir():
+        paths = resolve_checkpoints(list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint])
+        if len(paths) != 1:
+            return evaluate_ensemble(cfg, paths, out_dir, split)
+        checkpoint = paths[0]
     ckpt = load_checkpoint_file(checkpoint)
     weights = checkpoint_weights(checkpoint, ckpt)  # merged from DeepSpeed shards when the file holds none
     client = ckpt.get("client", {})
@@ -466,6 +473,46 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
         criterion = make_criterion(cfg).to(strategy.info.device)
         return held_out_report(cfg, task, strategy, data, model, criterion, out_dir, split,
                                extra={"checkpoint": str(checkpoint), "data_root": str(cfg.data.root)})
+    except Exception as exc:
+        log_failure(exc)  # the traceback, cause chain included, into out_dir/train.log
+        raise
+    finally:
+        strategy.close()
+
+
+def evaluate_ensemble(cfg: Config, checkpoints: Sequence[str | Path], out_dir: str | Path, split: str = "test"
+                      ) -> dict[str, Any] | None:
+    """evaluate_checkpoint for several checkpoints: each network is built from its own checkpoint's config (members
+    may differ in architecture) and the ensemble (engine/ensemble.py: raw outputs averaged per batch, after each
+    member's flip test when eval.flip_test is set) is scored on `cfg`'s data and split - cfg is the evaluation's
+    config (by default the first checkpoint's, as `medpose eval` reads it), whose data.task and data.input_hw must be
+    the members'. The task's learned state is the first member's. report.json's run.checkpoints lists the members."""
+    from .ensemble import load_ensemble
+    if not checkpoints:
+        raise ConfigError("an ensemble evaluation needs at least one checkpoint")
+    cfg, task, info = prepare(cfg)
+    strategy = make_strategy(cfg)
+    cfg = resolve_targets(cfg, strategy.info.device)          # and data.loader
+    out_dir = Path(out_dir)
+    try:
+        if strategy.info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        strategy.barrier()
+        setup_console_logging(strategy.info.rank, out_dir)
+        model, member_cfg, member_task, state = load_ensemble(checkpoints, strategy.info.device)
+        for field, ours, theirs in (("data.task", cfg.data.task, member_cfg.data.task),
+                                    ("data.input_hw", tuple(cfg.data.input_hw), tuple(member_cfg.data.input_hw))):
+            if ours != theirs:
+                raise ConfigError(f"the evaluation config has {field}={ours} but the ensemble's checkpoints (first: "
+                                  f"{checkpoints[0]}) were trained with {theirs}")
+        LOG.info("ensemble of %d checkpoints: %s", len(checkpoints), ", ".join(map(str, checkpoints)))
+        data = build_data(cfg, out_dir, strategy, split="all" if split == "all" else "runs", expect=state["info"])
+        task.load_state_dict(member_task.state_dict())
+        criterion = make_criterion(cfg).to(strategy.info.device)
+        return held_out_report(cfg, task, strategy, data, model, criterion, out_dir, split, extra={
+            "checkpoints": [str(p) for p in checkpoints], "ensemble_size": len(checkpoints),
+            "ensemble_average": "raw outputs (logits, heatmaps, points) per batch, after each member's flip test",
+            "data_root": str(cfg.data.root)})
     except Exception as exc:
         log_failure(exc)  # the traceback, cause chain included, into out_dir/train.log
         raise
