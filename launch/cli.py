@@ -16,6 +16,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EPILOG = """examples:
   medpose demo                                     train + evaluate MultiHipPoseNet on the synthetic phantom
   medpose data inspect my_data/                    what a dataset folder holds (names, sizes, spacings, problems, sheet)
+  medpose plan my_data/ --task landmarks --out my_plan.yaml   fingerprint + hardware -> a run config for them
   medpose train --config landmarks data.format=coco data.root=my_data/ log.name=mine
                                                    your landmarks: any K, names and channels taken from the data
   medpose train --config landmarks data.format=table data.root=my_hands/ "data.reader_args={table: points.csv}"
@@ -77,13 +78,27 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
+class _Checkpoints(argparse.Action):
+    """A repeatable --checkpoint: args.checkpoints lists every value given, args.checkpoint keeps the first (one
+    checkpoint reads exactly as before)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = [*(getattr(namespace, "checkpoints", None) or []), values]
+        namespace.checkpoints = seen
+        if len(seen) == 1:
+            setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medpose", description=__doc__.split("\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
     t = sub.add_parser("train", help="train a model (single process, or DDP under torchrun)",
-                       description="Train from a YAML run config plus dotted overrides (section.key=value).")
+                       description="Train from a YAML run config plus dotted overrides (section.key=value). "
+                                   "k-fold cross-validation with the folds' ensemble on the test split, as nnU-Net "
+                                   "does: `medpose train --config hip_demo --folds all data.num_folds=5` (or "
+                                   "--folds 0,2; --resume auto finishes the unfinished folds).")
     t.add_argument("--config", "-c", default="hip_demo", help="YAML file or bundled config name (default: hip_demo)")
     t.add_argument("--resume", metavar="PATH|auto",
                    help="checkpoint file, run directory, or 'auto' (latest checkpoint of log.run_dir)")
@@ -91,7 +106,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resume: take only the model weights of that checkpoint (any strategy's, consolidated "
                         "or not) and start a new run in a new directory at step 0, with a fresh optimizer, LR "
                         "schedule and data order")
-    t.add_argument("--no-test", action="store_true", help="skip the held-out test report at the end")
+    t.add_argument("--no-test", action="store_true", help="skip the held-out test report at the end (with "
+                                                          "--folds: the ensemble's)")
+    t.add_argument("--folds", metavar="all|K,K...",
+                   help="k-fold cross-validation: train fold 0..data.num_folds-1 (all) or the listed ones in turn, "
+                        "each a run in <base>/fold_<k> (base: log.run_dir, else runs_root/name), then evaluate "
+                        "their ensemble on the shared test split into <base>/ensemble_test and write "
+                        "<base>/folds.json; with --resume auto each unfinished fold resumes, finished ones are "
+                        "skipped")
+    t.add_argument("--fold-tests", action="store_true",
+                   help="with --folds: also write each fold's own test report (default: only the ensemble's)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.max_steps=500 optim.lr=3e-4")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a data split, or on another dataset as a whole",
@@ -99,14 +123,17 @@ def _parser() -> argparse.ArgumentParser:
                                    "config defaults to the one stored in the checkpoint (model, task, reader, "
                                    "preprocessing); --data-root scores every image of another folder of the same "
                                    "format with it (no splitting).")
-    e.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    e.add_argument("--checkpoint", required=True, action=_Checkpoints,
+                   help="checkpoint file (.pt); repeat it, or name a `train --folds` base folder (its fold_<k> "
+                        "runs) to evaluate the ensemble: outputs averaged per batch before decoding")
     e.add_argument("--config", "-c", help="YAML run config (default: the checkpoint's own resolved config)")
     e.add_argument("--data-root", metavar="DIR", help="another dataset folder (same data.format unless overridden); "
                                                      "implies --split all")
     e.add_argument("--split", choices=["test", "val", "train", "all"],
                    help="the run's test / val / train split, or all = every sample (default: test; all with "
                         "--data-root)")
-    e.add_argument("--out", help="output directory (default: <checkpoint dir>/../eval_<split or data folder>)")
+    e.add_argument("--out", help="output directory (default: <checkpoint dir>/../eval_<split or data folder>; an "
+                                "ensemble: <the members' common folder>/ensemble_<split or data folder>)")
     e.add_argument("--corrupt", action="append", metavar="KIND:LEVEL,...",
                    help="robustness: evaluate once more per level with corrupted images, e.g. salt_pepper:0.001,0.01 "
                         "(kinds: salt_pepper density, gaussian / speckle sigma, blur sigma in pixels; repeat the "
@@ -123,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "grade; spine: disc positions; fetal head: HC in mm) - and an overlay PNG per "
                                    "input.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint file (.pt)")
+    src.add_argument("--checkpoint", action=_Checkpoints,
+                     help="checkpoint file (.pt); repeat it, or name a `train --folds` base folder, to predict with "
+                          "the ensemble (outputs averaged per batch before decoding)")
     src.add_argument("--onnx", metavar="MODEL", help="a `medpose export` file (ONNX, or TorchScript .pt) with its "
                                                      "sidecar MODEL.json beside it: runs in onnxruntime without the "
                                                      "training stack, same rows as --checkpoint")
@@ -142,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "landmark names, flip pairs, spacing rule, task, output names, versions, the "
                                    "checkpoint's sha256). The export is checked against PyTorch (fp32, 1e-4). "
                                    "`medpose predict --onnx OUT` reproduces `predict --checkpoint`.")
-    xp.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    xp.add_argument("--checkpoint", required=True, action=_Checkpoints, help="checkpoint file (.pt); one only "
+                                                                             "(an ensemble cannot be exported)")
     xp.add_argument("--format", dest="export_format", default="onnx", metavar="FORMAT",
                     help="onnx (default) or torchscript")
     xp.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt)")
@@ -195,6 +225,42 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (annotations.json + images/)")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+    pl = sub.add_parser("plan", help="fingerprint a dataset and write a run config planned for it and this machine",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Plan a run for a dataset and this machine (nnU-Net-style):\n"
+                                    "  1. read DIR as training would (the reader of --format, detected when not\n"
+                                    "     given) and fingerprint it: image sizes and aspect, spacing, landmark\n"
+                                    "     spread and nearest-neighbour distances, orientation and size spread,\n"
+                                    "     class balance (fingerprint.json beside the plan);\n"
+                                    "  2. read the hardware: CPU cores, or the GPU's free memory;\n"
+                                    "  3. time two training steps of the planned model (--no-probe: a table);\n"
+                                    "  4. write the task's bundled config (or --base) with the planned values\n"
+                                    "     overridden - data.input_hw, data.sigma_px, the model width, rotation /\n"
+                                    "     flip / scale ranges, class weights, batch size, max_steps, eval_every -\n"
+                                    "     each with the figure and rule behind it as a YAML comment, checked by\n"
+                                    "     the engine's config loader. Train it: medpose train --config PLAN",
+                        epilog="rules: launch/plan.py (module docstring)\n"
+                               "example:\n  medpose plan data/ceph --task landmarks --budget-min 20 --out "
+                               "runs/ceph_plan.yaml\n  medpose train --config runs/ceph_plan.yaml")
+    pl.add_argument("root", metavar="DIR", help="the dataset folder")
+    pl.add_argument("--task", required=True, metavar="TASK",
+                    help="hip_us, hip_xray, spine_disc, landmarks, segmentation or fetal_head; the plan starts from "
+                         "its bundled config (hip_demo, xray_demo, spine_demo, landmarks, seg_zoo, hc18_unet)")
+    pl.add_argument("--format", help="reader (default: detected from the folder): coco, table, labelme, hc18, "
+                                     "xray_csv, nifti")
+    pl.add_argument("--out", help="the plan's YAML file; fingerprint.json goes beside it (default: "
+                                  "runs/plan_<folder name>/plan.yaml)")
+    pl.add_argument("--budget-min", type=float, default=30.0, metavar="MIN",
+                    help="training time budget in minutes: sizes train.max_steps (default 30)")
+    pl.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="plan for this device (default auto: cuda when available)")
+    pl.add_argument("--base", metavar="CONFIG", help="start from this YAML file or bundled config instead of the "
+                                                     "task's")
+    pl.add_argument("--no-probe", action="store_true",
+                    help="no timed training steps: batch size and steps from a table of measured throughputs")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="applied to the base config and kept as given (never re-planned), e.g. data.num_folds=3")
+
     from launch.models_cmd import add_parser as add_models_parser
     add_models_parser(sub)
 
@@ -219,8 +285,17 @@ def _cmd_train(args) -> int:
     from engine.run import train
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if cfg.model.name == "look_once":      # spine_disc's point classifier: its own loop over label point sets
+        if args.folds:
+            raise SystemExit("medpose train: --folds is not supported for model.name=look_once")
         from engine.tasks.spine_disc.look_once import train_look_once
         train_look_once(cfg)
+        return 0
+    if args.folds:
+        from engine.folds import format_summary, train_folds
+        summary = train_folds(cfg, args.folds, resume=args.resume, final_test=not args.no_test,
+                              fold_tests=args.fold_tests, resume_weights_only=args.resume_weights_only)
+        if summary is not None:
+            print(format_summary(summary))
         return 0
     result = train(cfg, resume=args.resume, final_test=not args.no_test,
                    resume_weights_only=args.resume_weights_only)
@@ -230,8 +305,12 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from engine.checkpoint import load_checkpoint_file
     from engine.config import load_config
+    from engine.ensemble import resolve_checkpoints
     from engine.run import evaluate_checkpoint
     ckpt_path = Path(args.checkpoint)
+    given = list(getattr(args, "checkpoints", None) or [args.checkpoint])
+    members = resolve_checkpoints(given) if len(given) > 1 or ckpt_path.is_dir() else [ckpt_path]
+    ckpt_path = members[0]                # the config, when none is given, is the (first) checkpoint's
     overrides = list(args.overrides)
     if args.data_root:
         overrides = [f"data.root={args.data_root}", "data.synthetic=false", *overrides]
@@ -247,8 +326,14 @@ def _cmd_eval(args) -> int:
             raise SystemExit(f"medpose eval: {ckpt_path} carries no config; pass --config")
         cfg = load_config(None, overrides, base=client["config"])
     name = f"eval_{Path(args.data_root).resolve().name}" if args.data_root else f"eval_{split}"
-    out = Path(args.out) if args.out else ckpt_path.resolve().parent.parent / name
-    report = evaluate_checkpoint(cfg, ckpt_path, out, split=split)
+    if len(members) > 1:
+        import os
+        common = Path(os.path.commonpath([str(p.resolve().parent.parent) for p in members]))
+        out = Path(args.out) if args.out else common / name.replace("eval_", "ensemble_", 1)
+        report = evaluate_checkpoint(cfg, members, out, split=split)
+    else:
+        out = Path(args.out) if args.out else ckpt_path.resolve().parent.parent / name
+        report = evaluate_checkpoint(cfg, ckpt_path, out, split=split)
     if report is not None:
         print(f"report: {out / 'report.json'}")
     return 0
@@ -263,14 +348,21 @@ def _cmd_predict(args) -> int:
                                       overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
     else:
         from engine.predict import predict_files
-        rows = predict_files(args.checkpoint, list(args.inputs), Path(args.out), batch_size=args.batch_size,
-                             overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
+        given = list(getattr(args, "checkpoints", None) or [args.checkpoint])
+        rows = predict_files(given if len(given) > 1 else args.checkpoint, list(args.inputs), Path(args.out),
+                             batch_size=args.batch_size, overlays=args.overlays, skip_bad=args.skip_bad,
+                             progress=True)
     print(f"wrote {len(rows)} predictions to {Path(args.out) / 'predictions.csv'}")
     return 0
 
 
 def _cmd_export(args) -> int:
-    from engine.export import export_checkpoint
+    from engine.export import ExportError, export_checkpoint
+    given = list(getattr(args, "checkpoints", None) or [args.checkpoint])
+    if len(given) > 1 or Path(args.checkpoint).is_dir():
+        raise ExportError(f"--checkpoint {' --checkpoint '.join(map(str, given))}: export takes one checkpoint "
+                          f"file; an ensemble (repeated --checkpoint, or a folder of fold runs) is not one network: "
+                          f"export each member, or evaluate / predict the ensemble with `medpose eval / predict`")
     side = export_checkpoint(args.checkpoint, args.out, args.export_format, dynamic_batch=args.dynamic_batch,
                              batch=args.batch, exporter=args.exporter, verify=not args.no_verify)
     m = side["model"]
@@ -294,6 +386,14 @@ def _cmd_inspect(args) -> int:
     report = inspect_dataset(data_cfg, out, sheet=args.sheet)
     print(format_report(report))
     print(f"  report: {out / 'inspect.json'}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from launch.plan import format_summary, make_plan
+    result = make_plan(args.root, args.task, fmt=args.format, out=args.out, budget_min=args.budget_min,
+                       device=args.device, base=args.base, overrides=args.overrides, use_probe=not args.no_probe)
+    print(format_summary(result))
     return 0
 
 
@@ -388,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipelines.errors import DataError, OptionError
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "data": _cmd_data,
                 "demo": _cmd_demo, "models": _cmd_models, "export": _cmd_export,
-                "pretrain": _cmd_pretrain}
+                "pretrain": _cmd_pretrain, "plan": _cmd_plan}
     from engine.checkpoint import CheckpointError
     from engine.export import ExportError
     try:

@@ -1,0 +1,309 @@
+"""`medpose plan` (launch/plan.py, data_pipelines/fingerprint.py): the fingerprint of the project's own synthetic sets
+against figures computed here from the generated annotation files, the planning rules, and plans that load with the
+engine's config loader and train two steps. Small sets; the timed probe runs once, on a tiny model."""
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.errors import DataError
+from data_pipelines.fingerprint import fingerprint_dataset
+from data_pipelines.synthetic.ceph import generate_ceph_dataset
+from data_pipelines.synthetic.hc18 import generate_hc18_dataset
+from data_pipelines.synthetic.hip import generate_hip_dataset
+from data_pipelines.synthetic.spine import generate_spine_dataset
+from data_pipelines.synthetic.xray import generate_xray_dataset
+from engine.config import ConfigError, load_config
+from launch import plan as P
+from launch.cli import main
+
+TRAIN_FAST = ["train.max_steps=2", "train.eval_every=2", "train.ckpt_every=2", "train.log_every=1",
+              "data.num_workers=0", "log.tensorboard=false", "log.progress=false", "log.overlays=0",
+              "optim.warmup_steps=0", "--no-test"]
+
+
+# ------------------------------------------------------------------ independent figures from the generated files
+def _nn(points_by_image, spacing=None):
+    """Pooled nearest-neighbour distances (px, and mm with per-image (sx, sy))."""
+    px, mm = [], []
+    for i, pts in enumerate(points_by_image):
+        pts = np.asarray(pts, dtype=float)
+        for a in range(len(pts)):
+            d = [(pts[b] - pts[a]) for b in range(len(pts)) if b != a]
+            px.append(min(math.hypot(*v) for v in d))
+            if spacing is not None:
+                sx, sy = spacing[i]
+                mm.append(min(math.hypot(v[0] * sx, v[1] * sy) for v in d))
+    return np.array(px), np.array(mm)
+
+
+def _hip(root):
+    generate_hip_dataset(root, 12, seed=2, image_hw=(120, 160))
+    docs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*.json")) if p.name != "dataset.json"]
+    pts = [[s["points"][0] for s in d["shapes"] if s["shape_type"] == "point"] for d in docs]
+    hw = [(d["imageHeight"], d["imageWidth"]) for d in docs]
+    sp = json.loads((root / "dataset.json").read_text())["spacing_mm"]
+    return "hip_us", "labelme", pts, hw, [sp] * len(docs)
+
+
+def _xray(root):
+    generate_xray_dataset(root, 10, seed=2, image_hw=(192, 160))
+    files = sorted((root / "annotations").glob("*.csv"))
+    pts = [[tuple(float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", cell)) for cell in next(csv.reader(f.open()))]
+           for f in files]
+    hw = [Image.open(root / "images" / f"{f.stem}.png").size[::-1] for f in files]
+    sp = json.loads((root / "dataset.json").read_text())["spacing_mm"]
+    return "hip_xray", "xray_csv", pts, hw, [sp] * len(files)
+
+
+def _ceph(root):
+    generate_ceph_dataset(root, 8, seed=2, image_hw=(240, 200), num_landmarks=19, layout="coco")
+    coco = json.loads((root / "annotations.json").read_text())
+    images = {im["id"]: im for im in coco["images"]}
+    anns = sorted(coco["annotations"], key=lambda a: a["image_id"])
+    pts = [[a["keypoints"][3 * k:3 * k + 2] for k in range(19) if a["keypoints"][3 * k + 2] > 0] for a in anns]
+    hw = [(images[a["image_id"]]["height"], images[a["image_id"]]["width"]) for a in anns]
+    sp = json.loads((root / "dataset.json").read_text())["spacing_mm"]
+    sp = [sp, sp] if isinstance(sp, (int, float)) else sp
+    return "landmarks", "coco", pts, hw, [sp] * len(anns)
+
+
+def _hc18(root):
+    generate_hc18_dataset(root, 10, seed=2, image_hw=(135, 200))
+    rows = list(csv.DictReader((root / "annotations.csv").open()))
+    pts = [[(float(r[f"{n}_x"]), float(r[f"{n}_y"])) for n in ("ofd1", "ofd2", "bpd1", "bpd2")] for r in rows]
+    hw = [(int(r["height"]), int(r["width"])) for r in rows]
+    sp = [(float(r["pixel_size_mm"]),) * 2 for r in rows]
+    return "fetal_head", "hc18", pts, hw, sp
+
+
+def _spine(root):
+    generate_spine_dataset(root, 5, seed=2)
+    meta = json.loads(next(root.glob("*.json")).read_text())
+    _lr, si, ap = meta["spacing_mm"]
+    pts, hw = [], []
+    for lab in sorted(root.glob("*/*_labels-disc.nii.gz")):
+        img = nib.as_closest_canonical(nib.load(str(lab)))             # RAS: (L-R, A-P, S-I)
+        data = np.asarray(img.dataobj)
+        vox = [np.argwhere(data == v)[0] for v in range(1, 12) if (data == v).any()]
+        pts.append([(float(v[1]), float(v[2])) for v in vox])          # in-plane (A-P, S-I) voxel steps
+        hw.append((data.shape[2], data.shape[1]))                      # rows S-I, columns A-P
+    return "spine_disc", "nifti", pts, hw, [(ap, si)] * len(pts)
+
+
+@pytest.mark.parametrize("make", [_hip, _xray, _ceph, _hc18, _spine], ids=lambda f: f.__name__[1:])
+def test_fingerprint_equals_figures_from_the_generated_annotations(tmp_path, make):
+    root = tmp_path / "data"
+    task, fmt, pts, hw, sp = make(root)
+    cfg = load_config(None, [f"data.root={root}", "data.synthetic=false", f"data.format={fmt}", f"data.task={task}"])
+    rep = fingerprint_dataset(cfg.data, progress=False).report
+    assert rep["samples"] == len(pts)
+    hw = np.array(hw, dtype=float)
+    np.testing.assert_allclose(rep["image_size"]["median_hw"], np.median(hw, axis=0))
+    np.testing.assert_allclose(rep["image_size"]["median_aspect_hw"], np.median(hw[:, 0] / hw[:, 1]), atol=1e-4)
+    np.testing.assert_allclose(rep["spacing_mm"]["median_xy"], np.median(np.array(sp, dtype=float), axis=0),
+                               rtol=1e-5)
+    px, mm = _nn(pts, sp)
+    lm = rep["landmarks"]
+    np.testing.assert_allclose(lm["nn_distance_px"]["median"], np.median(px), atol=2e-3)
+    np.testing.assert_allclose(lm["nn_distance_px"]["min"], px.min(), atol=2e-3)
+    np.testing.assert_allclose(lm["nn_distance_mm"]["median"], np.median(mm), rtol=1e-3)
+    assert sum(e["labelled"] for e in lm["per_landmark"]) == sum(len(p) for p in pts)
+
+
+def test_mask_fingerprint_class_balance(tmp_path):
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, 6, seed=4, image_hw=(135, 200))
+    cfg = load_config(None, [f"data.root={root}", "data.synthetic=false", "data.format=hc18",
+                             "data.task=segmentation"])
+    rep = fingerprint_dataset(cfg.data, progress=False).report
+    fracs = [(np.array(Image.open(p)) > 0).mean() for p in sorted((root / "masks").glob("*.png"))]
+    areas = [(np.array(Image.open(p)) > 0).sum() for p in sorted((root / "masks").glob("*.png"))]
+    head = rep["masks"]["classes"]["head"]
+    np.testing.assert_allclose(head["fraction_mean"], np.mean(fracs), atol=1e-5)
+    np.testing.assert_allclose(head["median_area_px"], np.median(areas), atol=0.51)
+    np.testing.assert_allclose(head["median_diameter_px"], np.median(2 * np.sqrt(np.array(areas) / np.pi)), atol=0.01)
+    assert rep["masks"]["classes"]["head"]["images_with"] == 6
+
+
+# ------------------------------------------------------------------------------------------------- the rules
+def test_input_size_rule():
+    assert P.plan_input_hw((240, 320), 0.75, 36_000, 32) == (160, 224)
+    assert P.plan_input_hw((540, 800), 0.675, 224_000, 32) == (384, 576)
+    assert P.plan_input_hw((208, 112), 208 / 112, 36_000, 32) == (192, 96)      # capped: never upsampled
+    assert P.plan_input_hw((20, 20), 1.0, 36_000, 32) == (32, 32)               # tiny images: one stride
+    for med, aspect, budget, stride in [((600, 500), 1.2, 36_000, 32), ((1200, 1000), 1.2, 82_000, 64),
+                                        ((300, 900), 1 / 3, 50_000, 32)]:
+        h, w = P.plan_input_hw(med, aspect, budget, stride)
+        assert h % stride == 0 and w % stride == 0 and h <= med[0] and w <= med[1]
+        assert abs(w - h / aspect) <= stride and h * w <= budget * P.BUDGET_SLACK
+
+
+def _check_plan(result, stride=32):
+    rep = result["report"]
+    cfg = result["config"]
+    h, w = cfg.data.input_hw
+    med = rep["image_size"]["median_hw"]
+    aspect = rep["image_size"]["median_aspect_hw"]
+    assert h % stride == 0 and w % stride == 0 and h <= max(med[0], stride) and w <= max(med[1], stride)
+    assert abs(w - h / aspect) <= stride                                       # the aspect, within one stride
+    return cfg
+
+
+def test_heatmap_plan_follows_the_rules_loads_and_trains(tmp_path, capsys):
+    root = tmp_path / "hip"
+    task, fmt, pts, hw, sp = _hip(root)
+    out = tmp_path / "plan" / "plan.yaml"
+    assert main(["plan", str(root), "--task", "hip_us", "--no-probe", "--out", str(out), "--budget-min", "10",
+                 "model.args.width=8", "data.num_folds=2"]) == 0
+    text = capsys.readouterr().out
+    assert "data.sigma_px" in text and "train.max_steps" in text and "fingerprint" in text
+    fp = json.loads((tmp_path / "plan" / "fingerprint.json").read_text())
+    cfg = load_config(out)
+    h, w = cfg.data.input_hw
+    assert (h % 32, w % 32) == (0, 0) and (h, w) == (96, 160)       # 120 x 160 images, aspect 0.75, capped
+    assert abs(w - h / fp["image_size"]["median_aspect_hw"]) <= 32
+    # sigma: 0.15 x the median nearest-neighbour distance in input px (letterbox scale), clamped to [1.5, 4]
+    scale = min(h / 120, w / 160)
+    px, _ = _nn(pts)
+    assert cfg.data.sigma_px == pytest.approx(min(max(0.15 * np.median(px) * scale, 1.5), 4.0), abs=0.006)
+    assert cfg.model.args["width"] == 8                              # given on the command line: kept
+    assert cfg.data.flip_p == 0.0                                    # the hip landmarks have no left/right pairs
+    assert cfg.model.criterion_args["class_weights"] == [1.0] * 8
+    assert cfg.data.task == "hip_us" and cfg.data.format == "labelme" and cfg.data.synthetic is False
+    assert Path(cfg.data.root) == root.resolve()
+    lo, hi = cfg.data.scale_range
+    assert 0.75 <= lo <= 0.95 and 1.05 <= hi <= 1.33 and 5 <= cfg.data.rotation_deg <= 30
+    assert cfg.train.eval_every == cfg.train.ckpt_every == max(1, cfg.train.max_steps // 4)
+    raw = out.read_text()
+    assert re.search(r"^  sigma_px: [\d.]+  # median nearest-landmark distance", raw, re.M)
+    assert re.search(r"^  input_hw: \[96, 160\]  # median image 120x160", raw, re.M)
+    assert "# GroupNorm in the decoders" in raw                      # the base config's comments are kept
+    assert fp["plan"]["data.sigma_px"]["value"] == cfg.data.sigma_px and fp["hardware"]["cpu_cores"] >= 1
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(out), f"log.run_dir={run}", *TRAIN_FAST]) == 0
+    assert (run / "checkpoints" / "best.pt").is_file()
+
+
+def test_segmentation_plan_unweighted_loads_and_trains(tmp_path):
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, 12, seed=3, image_hw=(135, 200))
+    out = tmp_path / "seg.yaml"
+    result = P.make_plan(root, "segmentation", out=out, budget_min=5, use_probe=False, progress=False,
+                         overrides=["data.num_folds=2", "model.args.base=8",
+                                    "model.criterion_args.loss=0.5*wce + 0.5*focal"])
+    cfg = _check_plan(result)
+    assert cfg.model.name == "unet_pp" and cfg.data.task == "segmentation"
+    assert cfg.model.criterion_args["class_weights"] == [1.0, 1.0]
+    assert cfg.model.criterion_args["loss"] == "0.5*wce + 0.5*focal"            # given: kept as is
+    assert "data.sigma_px" not in {p.key for p in result["planned"]}            # no heatmaps
+    assert cfg.data.flip_p == 0.5                                                # ofd1/ofd2 swap on a flip
+    result = P.make_plan(root, "segmentation", out=out, budget_min=5, use_probe=False, progress=False,
+                         overrides=["data.num_folds=2", "model.args.base=8",
+                                    "model.criterion_args.class_weights=[1.0, 5.0]"])
+    planned = {p.key: p.value for p in result["planned"]}
+    assert "model.criterion_args.class_weights" not in planned                  # given: never re-planned
+    result = P.make_plan(root, "segmentation", out=out, budget_min=5, use_probe=False, progress=False,
+                         overrides=["data.num_folds=2", "model.args.base=8", "train.max_steps=40"])
+    cfg = result["config"]
+    assert (cfg.train.max_steps, cfg.train.eval_every) == (40, 10)               # given steps: evaluations follow
+    assert cfg.model.criterion_args["class_weights"] == [1.0, 1.0] and "iou" in cfg.model.criterion_args["loss"]
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(out), f"log.run_dir={run}", *TRAIN_FAST]) == 0
+    assert (run / "checkpoints" / "best.pt").is_file()
+
+
+def test_class_weights_rule_rewrites_weighted_losses(tmp_path):
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, 12, seed=3, image_hw=(135, 200))
+    base = tmp_path / "base.yaml"
+    text = (P.CONFIG_DIR / "seg_zoo.yaml").read_text().replace('loss: "0.8*ce + 0.2*iou"',
+                                                                'loss: "wce", class_weights: [1.0, 5.0]')
+    base.write_text(text)
+    result = P.make_plan(root, "segmentation", out=tmp_path / "p.yaml", base=str(base), budget_min=5,
+                         use_probe=False, progress=False, overrides=["data.num_folds=2"])
+    args = result["config"].model.criterion_args
+    assert args["class_weights"] == [1.0, 1.0] and args["loss"] == "0.8*ce + 0.2*dice"
+
+
+def test_fetal_head_and_xray_plans(tmp_path):
+    hc = tmp_path / "hc"
+    generate_hc18_dataset(hc, 12, seed=5, image_hw=(135, 200))
+    r = P.make_plan(hc, "fetal_head", out=tmp_path / "f.yaml", budget_min=5, use_probe=False, progress=False,
+                    overrides=["data.num_folds=2"])
+    cfg = _check_plan(r)
+    assert cfg.model.criterion_args["class_weights"] == [1.0, 1.0]             # hc18_unet's [1, 5] replaced
+    assert 1.5 <= cfg.data.sigma_px <= 4.0 and cfg.data.rotation_deg == 30.0   # heads lie at any angle
+    xr = tmp_path / "xr"
+    generate_xray_dataset(xr, 12, seed=5, image_hw=(192, 160))
+    r = P.make_plan(xr, "hip_xray", out=tmp_path / "x.yaml", budget_min=5, use_probe=False, progress=False,
+                    overrides=["data.num_folds=2"])
+    cfg = _check_plan(r)
+    assert cfg.model.args["input_hw"] == list(cfg.data.input_hw) == cfg.model.criterion_args["normalize_hw"]
+    sigma = next(p for p in r["planned"] if p.key == "data.sigma_px")
+    assert cfg.data.flip_p == 0.5 and sigma.value == "(base)" and "regression" in sigma.reason   # no heatmaps
+
+
+# ------------------------------------------------------------------------------------------------ the probe
+def test_probe_times_real_steps_of_a_tiny_model(tmp_path):
+    root = tmp_path / "ceph"
+    generate_ceph_dataset(root, 10, seed=1, image_hw=(120, 100), num_landmarks=5, layout="coco")
+    result = P.make_plan(root, "landmarks", out=tmp_path / "p.yaml", budget_min=1, device="cpu", progress=False,
+                         overrides=["data.num_folds=2", "model.name=landmark_unet",
+                                    "model.args={width: 4, depth: 3, heatmap_stride: 2}", "data.preresize=false"])
+    probe = result["probe"]
+    (batch, entry), = probe["steps"].items()
+    assert entry["s_per_step"] > 0 and probe["load_s_per_sample"] > 0 and probe["params"] > 0
+    cfg = result["config"]
+    assert cfg.train.batch_size == batch and cfg.model.args["width"] == 4
+    reason = next(p.reason for p in result["planned"] if p.key == "train.max_steps")
+    assert "s per step" in reason and cfg.train.max_steps >= 10
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["probe"]["steps"][str(batch)]["s_per_step"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def test_errors_name_the_folder_or_the_task(tmp_path, capsys):
+    missing, empty = tmp_path / "nothing_here", tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plan", str(missing), "--task", "landmarks", "--no-probe"]) == 2
+    assert f"{missing}: dataset folder not found" in capsys.readouterr().err
+    assert main(["plan", str(empty), "--task", "landmarks", "--no-probe"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "no dataset layout recognised" in err
+    assert main(["plan", str(empty), "--task", "landmarks", "--format", "coco", "--no-probe"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert main(["plan", str(empty), "--task", "hips", "--no-probe"]) == 2
+    assert "unknown task 'hips'" in capsys.readouterr().err
+    hc = tmp_path / "hc"
+    generate_hc18_dataset(hc, 6, seed=1, image_hw=(135, 200))
+    with pytest.raises(ConfigError, match=re.escape(str(hc))):          # a task the data does not fit
+        P.make_plan(hc, "hip_xray", out=tmp_path / "x.yaml", use_probe=False, progress=False,
+                    overrides=["data.num_folds=2"])
+    with pytest.raises(DataError):
+        P.make_plan(missing, "landmarks", use_probe=False)
+
+
+def test_gpu_rules_without_a_gpu(tmp_path, monkeypatch):
+    """The GPU branch (budget by free memory, GPU widths, batch by memory) with the hardware reading faked."""
+    assert P.gpu_batch_size(1.0, 1.5, 40.0, 1000) == (32, 0.25)                  # capped at GPU_MAX_BATCH
+    assert P.gpu_batch_size(1.0, 3.0, 10.0, 1000)[0] == 4                         # 1 GiB/sample, 6 GiB room
+    assert P.gpu_batch_size(1.0, 1.5, 40.0, 9)[0] == 8                            # a quarter of the training split
+    assert P.gpu_batch_size(4.0, 8.0, 4.0, 100)[0] == 2                           # never below 2
+    fake = {"device": "cuda", "cpu_cores": 16, "cpu": "x86_64", "torch": "t", "gpu": "fake", "gpu_free_gib": 80.0,
+            "gpu_total_gib": 80.0}
+    monkeypatch.setattr(P, "read_hardware", lambda device="auto": fake)
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, 12, seed=3, image_hw=(270, 400))
+    r = P.make_plan(root, "fetal_head", out=tmp_path / "g.yaml", budget_min=5, use_probe=False, progress=False,
+                    overrides=["data.num_folds=2"])
+    cfg = _check_plan(r)
+    assert tuple(cfg.data.input_hw) == (256, 384)                   # 224k px budget, capped by the 270 x 400 images
+    assert cfg.model.args["width"] == 32 and cfg.data.num_workers == 8
+    n_train = r["splits"]["train"]                                  # 2 x the base batch, <= a quarter of the split
+    assert cfg.train.batch_size == max(2, min(16, max(2, n_train // 4)))
