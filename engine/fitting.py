@@ -107,7 +107,8 @@ def check_fit(cfg: Config, task, info: DataInfo) -> None:
         raise ConfigError(f"data.task={task.name} needs exactly {want_k} landmarks (its clinical measures are built "
                           f"on them), but {where} has {_describe(info, 'num_keypoints')}; use data.task=landmarks")
     builder = _params(MODELS[cfg.model.name])
-    if getattr(task, "needs_landmarks", True) and "num_keypoints" not in builder:
+    if (getattr(task, "needs_landmarks", True) and "num_keypoints" not in builder
+            and not getattr(task, "landmarks_from_mask", False)):
         raise ConfigError(f"model.name={cfg.model.name} predicts no landmarks, but data.task={task.name} scores "
                           f"landmarks; choose a landmark model or data.task=segmentation")
     crit = CRITERIA[cfg.model.criterion or cfg.model.name]

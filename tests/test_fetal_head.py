@@ -213,3 +213,32 @@ def test_predict_row_reports_hc_axes_and_landmarks():
     nan_row = FetalHeadTask().predict_row({"mask_HW": np.zeros((5, 5), np.int64), "kpts_px_K2": orig["kpts_px_K2"]},
                                           {"spacing_mm_2": np.array([np.nan, np.nan])})
     assert nan_row["hc_mm"] is None and nan_row["hc_from_landmarks_mm"] is None
+
+
+def test_segmentation_only_model_gets_the_ellipse_axis_ends_as_landmarks():
+    """A zoo network (no landmark head) on the fetal-head task: the landmarks are the axis ends of the mask's
+    ellipse; an image without a head gets the frame centre with score 0."""
+    from types import SimpleNamespace
+    e = ell.Ellipse(cx=100.3, cy=70.6, a=60.0, b=41.0, angle_deg=25.0)
+    mask = torch.as_tensor(ell.rasterize_ellipse((160, 224), e), dtype=torch.int64)
+    logits = torch.stack([torch.stack([1 - mask, mask]).float(), torch.zeros(2, 160, 224)])   # 2nd image: empty
+    cfg = SimpleNamespace(model=SimpleNamespace(decode="dark"), data=SimpleNamespace(sigma_px=3.0, heatmap_peak=255.0))
+    out = FetalHeadTask().decoder(cfg)({"seg_logits_BCHW": logits})
+    np.testing.assert_allclose(out["kpts_px_BK2"][0].numpy(), ell.axis_endpoints(*e.__dict__.values()), atol=0.5)
+    np.testing.assert_allclose(out["kpts_px_BK2"][1].numpy(), [[111.5, 79.5]] * 4)
+    assert out["kpt_score_BK"].tolist() == [[1.0] * 4, [0.0] * 4]
+    assert torch.equal(out["mask_BHW"][0], mask)
+
+
+def test_fit_accepts_a_segmentation_model_for_the_fetal_head_only():
+    from engine.config import ConfigError, load_config
+    from engine.fitting import check_fit
+    from engine.tasks import build_task as get_task
+    from data_pipelines.records import DataInfo
+    info = DataInfo(kpt_names=("ofd1", "ofd2", "bpd1", "bpd2"), class_names=("background", "head"))
+    cfg = load_config(None, ["data.task=fetal_head", "data.format=hc18", "model.name=unet_pp",
+                             "model.args={num_classes: 2, base: 16}"])
+    check_fit(cfg, get_task("fetal_head"), info)                   # no error
+    cfg = load_config(None, ["data.task=landmarks", "model.name=unet_pp", "model.args={num_classes: 2, base: 16}"])
+    with pytest.raises(ConfigError, match="predicts no landmarks"):
+        check_fit(cfg, get_task("landmarks"), info)

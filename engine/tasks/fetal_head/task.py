@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from data_pipelines.readers.hc18 import HC18_KPT_NAMES
 
@@ -30,11 +31,44 @@ class FetalHeadTask(Task):
     best_metric = "hc_mae_mm"
     best_mode = "min"
     shown = ("loss", "seg_dice", "hc_mae_mm", "landmark_mre_mm")
+    # a segmentation-only network (the zoo's unet_pp, u2net_small ...) is enough: HC comes from the mask, and the four
+    # axis landmarks are the ends of the ellipse fitted to the mask (decoder below)
+    landmarks_from_mask = True
 
     def __init__(self, fit_method: str = "moments", num_overlays: int = 4):
         if fit_method not in ("moments", "conic"):
             raise ValueError(f"{_WHERE}: fit_method must be 'moments' or 'conic', got {fit_method!r}")
         self.fit_method, self.num_overlays = fit_method, int(num_overlays)
+
+    def decoder(self, cfg) -> Callable[[dict], dict]:
+        """The base decoder for models with a landmark head; for a segmentation-only model the landmarks are the axis
+        ends [ofd1, ofd2, bpd1, bpd2] of the moment ellipse of each arg-max mask (input frame), score 1; an image
+        without an ellipse (empty or tiny mask) gets all four at the frame's centre with score 0 (its HC from the
+        mask is then a failed measurement, engine/tasks/fetal_head/metrics.py)."""
+        base = super().decoder(cfg)
+        fit_method = self.fit_method
+
+        def decode(outputs: dict) -> dict:
+            if outputs.get("heatmap_BKHW") is not None or outputs.get("kpts_px_BK2") is not None:
+                return base(outputs)
+            logits = outputs.get("seg_logits_BCHW")
+            if logits is None:
+                raise KeyError(f"{_WHERE}: the model gives neither landmarks nor seg_logits_BCHW (got "
+                               f"{sorted(outputs)})")
+            mask = logits.argmax(dim=1).to(torch.int64)
+            h, w = mask.shape[-2:]
+            kpts, scores = [], []
+            for m in mask.cpu().numpy():
+                e = ell.fit_ellipse_mask(m == 1, fit_method)
+                found = e.is_finite
+                kpts.append(ell.axis_endpoints(e.cx, e.cy, e.a, e.b, e.angle_deg) if found
+                            else np.tile([(w - 1) / 2.0, (h - 1) / 2.0], (4, 1)))
+                scores.append(np.full(4, float(found)))
+            k = torch.as_tensor(np.stack(kpts), dtype=torch.float32, device=logits.device)
+            return {"kpts_px_BK2": k, "kpt_score_BK": torch.as_tensor(np.stack(scores), dtype=torch.float32,
+                                                                      device=logits.device), "mask_BHW": mask}
+
+        return decode
 
     def accumulator(self, cfg, data: dict[str, Any]) -> FetalHeadAccumulator:
         return FetalHeadAccumulator(num_keypoints=len(data.get("kpt_names") or HC18_KPT_NAMES),
