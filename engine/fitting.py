@@ -8,7 +8,8 @@ ConfigError naming the config field, the data's value and what to do. The filled
 config (config.yaml and every checkpoint), so `eval` and `predict` rebuild the same network from the checkpoint alone.
 
 Task requirements are the task's (engine/tasks: `needs_masks`, `needs_landmarks`, `num_keypoints` = the exact K a
-clinical measure needs, None for any); the loss's are its `requires_masks` attribute.
+clinical measure needs, None for any; `landmarks_from_mask`: a segmentation-only model will do, the task derives its
+landmarks from the mask); the loss's are its `requires_masks` attribute.
 """
 from __future__ import annotations
 
