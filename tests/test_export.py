@@ -188,7 +188,8 @@ def fetal_run(tmp_path_factory):
     assert main(["train", "--no-test", "--config", "hc18_unet", "data.num_workers=0", "data.num_folds=4",
                  "log.progress=false", "log.tensorboard=false", "log.overlays=0", "data.synthetic=false",
                  f"data.root={root / 'hc18'}", "data.input_hw=[64, 96]", "data.sigma_px=2.0",
-                 "model.args={width: 4, depth: 3, norm: gn}", "train.batch_size=2", "train.max_steps=1",
+                 "model.name=unet_multitask", "model.args={width: 4, depth: 3, norm: gn}",
+                 "model.criterion_args={num_classes: 2, balance: fixed}", "train.batch_size=2", "train.max_steps=1",
                  "train.eval_every=0", f"log.run_dir={run}", "eval.flip_test=true"]) == 0
     return root, run / "checkpoints" / "best.pt"
 

@@ -238,7 +238,7 @@ def test_fetal_head_and_xray_plans(tmp_path):
     r = P.make_plan(hc, "fetal_head", out=tmp_path / "f.yaml", budget_min=5, use_probe=False, progress=False,
                     overrides=["data.num_folds=2"])
     cfg = _check_plan(r)
-    assert cfg.model.criterion_args["class_weights"] == [1.0, 1.0]             # hc18_unet's [1, 5] replaced
+    assert cfg.model.criterion_args["class_weights"] == [1.0, 1.0]             # unweighted
     assert 1.5 <= cfg.data.sigma_px <= 4.0 and cfg.data.rotation_deg == 30.0   # heads lie at any angle
     xr = tmp_path / "xr"
     generate_xray_dataset(xr, 12, seed=5, image_hw=(192, 160))
@@ -304,6 +304,6 @@ def test_gpu_rules_without_a_gpu(tmp_path, monkeypatch):
                     overrides=["data.num_folds=2"])
     cfg = _check_plan(r)
     assert tuple(cfg.data.input_hw) == (256, 384)                   # 224k px budget, capped by the 270 x 400 images
-    assert cfg.model.args["width"] == 32 and cfg.data.num_workers == 8
+    assert cfg.model.args["base"] == 32 and cfg.data.num_workers == 8
     n_train = r["splits"]["train"]                                  # 2 x the base batch, <= a quarter of the split
     assert cfg.train.batch_size == max(2, min(16, max(2, n_train // 4)))

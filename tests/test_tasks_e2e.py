@@ -19,7 +19,8 @@ XRAY = ["--config", "xray_demo", *COMMON, "data.synth_n=60", "data.input_hw=[128
         "model.args={backbone: 'timm:test_efficientnet', input_hw: [128, 128]}",
         "model.criterion_args={kind: mse, normalize_hw: [128, 128]}", "train.batch_size=8"]
 HC18 = ["--config", "hc18_unet", *COMMON, "data.synthetic=true", "data.synth_n=40", "data.synth_image_hw=[135, 200]",
-        "data.input_hw=[96, 128]", "data.sigma_px=2.0", "model.args={width: 8, depth: 3, norm: gn}",
+        "data.input_hw=[96, 128]", "data.sigma_px=2.0", "model.name=unet_multitask",
+        "model.args={width: 8, depth: 3, norm: gn}", "model.criterion_args={num_classes: 2, class_weights: [1.0, 5.0], balance: fixed}",
         "train.batch_size=4", "optim.lr=2e-3"]
 
 

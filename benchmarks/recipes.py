@@ -1,0 +1,222 @@
+"""Issue 18's accuracy table: per dataset, the hand-written (bundled) config vs the planned one (`medpose plan`), then
+the planned model with flip-test averaging, then a 5-fold ensemble of the planned config - each on the same
+held-out test split, scored in the original image frame, with its training time.
+
+    python benchmarks/recipes.py --out DIR                         # every dataset (hours on a 2-core CPU)
+    python benchmarks/recipes.py --out DIR --datasets hc18,hip_us  # some of them
+    python benchmarks/recipes.py --out DIR --quick                 # a few minutes: tiny sets, a few steps
+
+Datasets: hc18 (the real HC18 subset in ../shared/data/hc18 when present; skipped otherwise) and the synthetic set of
+every task, generated into DIR/data by the bundled configs. Rows per dataset:
+  hand      the bundled config as shipped, at --steps for the synthetic sets (its own max_steps for hc18);
+  planned   `medpose plan DATA --task T --budget-min M` with M = the hand row's training minutes, so both rows get the
+            same CPU budget; trained as planned;
+  +flip     the planned row's best checkpoint evaluated with eval.flip_test=true;
+  +5-fold   `medpose train --config plan.yaml --folds all` with data.num_folds=5, each fold given all the planned
+            steps (--fold-steps full, as nnU-Net does: five times the cost) or 1/5 of them (--fold-steps equal: the
+            ensemble costs one planned run), evaluated as the average of the five best checkpoints, with the flip
+            test; --folds 1 leaves the row out.
+Every row's folder keeps its config, report.json and metrics.jsonl; a row whose result.json exists is not rerun, so
+the script resumes after an interruption. The table goes to DIR/recipes.md and DIR/recipes.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launch.cli import main  # noqa: E402
+
+HC18_ROOT = ROOT.parent / "shared" / "data" / "hc18"
+
+# dataset -> (task, bundled config, data overrides, figures shown: (report key, label, digits))
+DATASETS: dict[str, dict] = {
+    "hc18": dict(task="fetal_head", config="hc18_unet", data={"root": str(HC18_ROOT), "synthetic": False},
+                 keys=[("seg_dice", "Dice", 4), ("hc_mae_mm", "HC MAE mm", 2), ("hc_bias_mm", "HC bias mm", 2)],
+                 real=True),
+    "fetal_head_synth": dict(task="fetal_head", config="hc18_unet", data={"synthetic": True, "synth_n": 80},
+                             keys=[("seg_dice", "Dice", 4), ("hc_mae_mm", "HC MAE mm", 2),
+                                   ("hc_bias_mm", "HC bias mm", 2)]),
+    "hip_us": dict(task="hip_us", config="hip_demo", data={},
+                   keys=[("seg_miou", "mIoU", 3), ("alpha_mae_deg", "alpha MAE deg", 2),
+                         ("landmark_mre_px", "MRE px", 2)]),
+    "hip_xray": dict(task="hip_xray", config="xray_demo", data={},
+                     keys=[("landmark_mre_px", "MRE px", 2), ("ai_mae_deg", "AI MAE deg", 2)]),
+    "spine_disc": dict(task="spine_disc", config="spine_demo", data={},
+                       keys=[("dtt_mm", "DTT mm", 2), ("fnr_pct", "FNR %", 1)]),
+    "landmarks": dict(task="landmarks", config="landmarks", data={"synthetic": True},
+                      keys=[("landmark_mre_mm", "MRE mm", 2), ("landmark_median_mm", "median mm", 2)]),
+    "segmentation": dict(task="segmentation", config="seg_zoo", data={},
+                         keys=[("dice", "Dice", 4), ("hd95_mm", "HD95 mm", 2)]),
+}
+
+
+def _run(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    code = main(argv)
+    if code not in (0, None):
+        raise SystemExit(f"medpose {' '.join(argv)} failed ({code})")
+    return time.perf_counter() - t0
+
+
+def _figures(report: Path, keys) -> dict:
+    rep = json.loads(report.read_text())
+    figs = rep.get("figures", rep)
+    return {k: figs.get(k, rep.get(k)) for k, _, _ in keys}
+
+
+def _train_minutes(run: Path) -> float:
+    """The run's training wall time (report.json run.wall_time_s: the training loop with its validation passes, not
+    data generation or the test report)."""
+    rep = json.loads((run / "report.json").read_text())
+    return float(rep.get("run", {}).get("wall_time_s", math.nan)) / 60.0
+
+
+def _done(row_dir: Path) -> dict | None:
+    f = row_dir / "result.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _save(row_dir: Path, result: dict) -> dict:
+    row_dir.mkdir(parents=True, exist_ok=True)
+    (row_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
+    base = out / name
+    data_root = spec["data"].get("root") or str(out / "data" / name)
+    data_over = [f"data.root={data_root}", *(f"data.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
+                                             for k, v in spec["data"].items() if k != "root")]
+    steps = [] if spec.get("real") and not args.quick else [f"train.max_steps={args.steps}",
+                                                             f"train.eval_every={max(args.steps // 2, 1)}",
+                                                             f"train.ckpt_every={max(args.steps // 2, 1)}"]
+    quick = ["data.synth_n=24"] if args.quick and not spec.get("real") else []
+    common = ["log.progress=false", "log.overlays=0", f"train.seed={args.seed}"]
+    rows = []
+
+    # hand-written
+    d = base / "hand"
+    res = _done(d)
+    if res is None:
+        wall = _run(["train", "--config", spec["config"], f"log.run_dir={d / 'run'}", *data_over, *quick, *steps,
+                     *common])
+        res = _save(d, dict(row="hand", config=spec["config"], wall_s=wall, train_min=_train_minutes(d / "run"),
+                            figures=_figures(d / "run" / "report.json", spec["keys"])))
+    rows.append(res)
+    budget = res["train_min"] if math.isfinite(res["train_min"]) else res["wall_s"] / 60.0
+
+    # planned
+    d = base / "planned"
+    plan = d / "plan.yaml"
+    res = _done(d)
+    if res is None:
+        t0 = time.perf_counter()
+        _run(["plan", data_root, "--task", spec["task"], "--out", str(plan), "--budget-min", f"{budget:.2f}",
+              *(["--no-probe"] if args.quick else [])])
+        plan_s = time.perf_counter() - t0
+        wall = _run(["train", "--config", str(plan), f"log.run_dir={d / 'run'}", *quick,
+                     *(steps if args.quick else []), *common])
+        res = _save(d, dict(row="planned", config=str(plan), plan_s=plan_s, wall_s=wall,
+                            train_min=_train_minutes(d / "run"),
+                            figures=_figures(d / "run" / "report.json", spec["keys"])))
+    rows.append(res)
+    planned_steps = int(yaml.safe_load((d / "run" / "config.yaml").read_text())["train"]["max_steps"])
+
+    # + flip test
+    d2 = base / "planned_flip"
+    res = _done(d2)
+    if res is None:
+        ckpt = d / "run" / "checkpoints" / "best.pt"
+        if not ckpt.is_file():
+            ckpt = d / "run" / "checkpoints" / "last.pt"
+        wall = _run(["eval", "--checkpoint", str(ckpt), "--split", "test", "--out", str(d2 / "eval"),
+                     "eval.flip_test=true", "log.overlays=0"])
+        res = _save(d2, dict(row="+flip", wall_s=wall, train_min=rows[-1]["train_min"],
+                             figures=_figures(d2 / "eval" / "report.json", spec["keys"])))
+    rows.append(res)
+
+    # + 5-fold ensemble (with the flip test)
+    d3 = base / "planned_5fold"
+    res = _done(d3)
+    if res is None and args.folds > 1:
+        fold_steps = planned_steps if args.fold_steps == "full" else max(planned_steps // args.folds, 2)
+        wall = _run(["train", "--config", str(plan), "--folds", "all", f"data.num_folds={args.folds}",
+                     f"log.run_dir={d3 / 'run'}", f"train.max_steps={fold_steps}",
+                     f"train.eval_every={max(fold_steps // 2, 1)}", f"train.ckpt_every={max(fold_steps // 2, 1)}",
+                     "eval.flip_test=true", *quick, *common])
+        folds = json.loads((d3 / "run" / "folds.json").read_text())
+        minutes = [float(f.get("train_wall_time_s") or math.nan) / 60.0 for f in folds["folds"]]
+        res = _save(d3, dict(row=f"+{args.folds}-fold", wall_s=wall, train_min=float(sum(minutes)),
+                             fold_steps=fold_steps, fold_budget=args.fold_steps,
+                             figures=_figures(d3 / "run" / "ensemble_test" / "report.json", spec["keys"])))
+    if res is not None:
+        rows.append(res)
+    return rows
+
+
+def _fmt(v, digits: int) -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def write_table(out: Path, results: dict[str, list[dict]]) -> Path:
+    lines = ["| dataset | row | " + " | ".join(["figures", "train min", "wall min"]) + " |", "|---|---|---|---|---|"]
+    for name, rows in results.items():
+        keys = DATASETS[name]["keys"]
+        for r in rows:
+            figs = ", ".join(f"{label} {_fmt(r['figures'].get(k), dg)}" for k, label, dg in keys)
+            lines.append(f"| {name} | {r['row']} | {figs} | {_fmt(r.get('train_min'), 1)} | "
+                         f"{_fmt(r['wall_s'] / 60.0, 1)} |")
+    md = out / "recipes.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out / "recipes.json").write_text(json.dumps(results, indent=2))
+    return md
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, from {', '.join(DATASETS)}")
+    p.add_argument("--steps", type=int, default=200, help="training steps of the synthetic sets' hand row")
+    p.add_argument("--folds", type=int, default=5, help="folds of the ensemble row (1: no ensemble row)")
+    p.add_argument("--fold-steps", choices=["equal", "full"], default="full",
+                   help="each fold's steps: the planned run's (full, nnU-Net) or 1/folds of them (equal budget)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sets and a few steps (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.folds = 2, 2
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    bad = [n for n in names if n not in DATASETS]
+    if bad:
+        p.error(f"--datasets: unknown {', '.join(bad)} (choose from {', '.join(DATASETS)})")
+    args.names = names
+    return args
+
+
+def run(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.names:
+        spec = DATASETS[name]
+        if spec.get("real") and not Path(spec["data"]["root"]).is_dir():
+            print(f"skipping {name}: {spec['data']['root']} is not present")
+            continue
+        results[name] = run_dataset(name, spec, args.out, args)
+        print(write_table(args.out, results).read_text())
+    return results
+
+
+if __name__ == "__main__":
+    run()
