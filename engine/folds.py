@@ -57,19 +57,10 @@ def _holds_a_run(d: Path) -> bool:
 
 
 def folds_base(cfg: Config, strategy, resuming: bool) -> Path:
-    """log.run_dir, or runs_root/name (name-2, name-3 ... when it holds a run and this is no resume); rank 0 decides
-    for all."""
-    if cfg.log.run_dir:
-        choice = Path(cfg.log.run_dir)
-    else:
-        base = Path(cfg.log.runs_root) / cfg.log.name
-        choice = base
-        if strategy.info.is_main and not resuming:
-            k = 2
-            while _holds_a_run(choice):
-                choice = base.with_name(f"{base.name}-{k}")
-                k += 1
-    return Path(strategy.all_gather_object(str(choice))[0])
+    """log.run_dir, or runs_root/name (name-2, name-3 ... when it holds a run or folds and this is no resume); rank 0
+    decides for all."""
+    from .run import choose_run_dir
+    return choose_run_dir(cfg, strategy, resuming, taken=_holds_a_run)
 
 
 def fold_config(cfg: Config, base: Path, k: int) -> Config:

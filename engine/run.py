@@ -198,8 +198,9 @@ def make_run_dir(cfg: Config, strategy, resuming: bool) -> Path:
     return _make_run_dir(cfg, strategy, resuming)[0]
 
 
-def _make_run_dir(cfg: Config, strategy, resuming: bool) -> tuple[Path, bool]:
-    """(make_run_dir's directory, whether this launch created it — known on rank 0, False elsewhere)."""
+def choose_run_dir(cfg: Config, strategy, resuming: bool, taken=lambda d: (d / "config.yaml").exists()) -> Path:
+    """log.run_dir, or runs_root/name - name-2, name-3 ... while `taken(dir)` and this is no resume; rank 0 decides
+    for all ranks."""
     if cfg.log.run_dir:
         choice = Path(cfg.log.run_dir)
     else:
@@ -207,10 +208,15 @@ def _make_run_dir(cfg: Config, strategy, resuming: bool) -> tuple[Path, bool]:
         choice = base
         if strategy.info.is_main and not resuming:
             k = 2
-            while (choice / "config.yaml").exists():
+            while taken(choice):
                 choice = base.with_name(f"{base.name}-{k}")
                 k += 1
-    choice = Path(strategy.all_gather_object(str(choice))[0])
+    return Path(strategy.all_gather_object(str(choice))[0])
+
+
+def _make_run_dir(cfg: Config, strategy, resuming: bool) -> tuple[Path, bool]:
+    """(make_run_dir's directory, whether this launch created it — known on rank 0, False elsewhere)."""
+    choice = choose_run_dir(cfg, strategy, resuming)
     created = False
     if strategy.info.is_main:
         created = not choice.exists()

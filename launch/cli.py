@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from launch import CONFIG_DIR, find_config
 
 EPILOG = """examples:
   medpose demo                                     train + evaluate MultiHipPoseNet on the synthetic phantom
@@ -48,14 +48,10 @@ def resolve_config_path(name: str | None) -> Path | None:
     """A file path, or the name of a bundled config in launch/configs (with or without .yaml)."""
     if name is None:
         return None
-    p = Path(name)
-    if p.is_file():
-        return p
-    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-    raise SystemExit(f"medpose: config '{name}' is neither a file nor a bundled config ({known})")
+    try:
+        return find_config(name)
+    except ValueError as exc:
+        raise SystemExit(f"medpose: config {exc}") from None
 
 
 class _IntermixedParser(argparse.ArgumentParser):

@@ -69,7 +69,7 @@ from data_pipelines.fingerprint import (Fingerprint, circular_spread_deg, finger
                                         matrix_scale, pooled_nn_distances)
 from engine.config import ConfigError, load_config, parse_override
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from launch import CONFIG_DIR, find_config
 
 # data.task -> the bundled config a plan starts from
 TASK_TEMPLATES = {"hip_us": "hip_demo", "hip_xray": "xray_demo", "spine_disc": "spine_demo", "landmarks": "landmarks",
@@ -321,15 +321,10 @@ def probe(cfg, fp: Fingerprint, hardware: dict, batch_sizes: Sequence[int], step
 
 # -------------------------------------------------------------------------------------------------------- the plan
 def _base_path(task: str, base: str | None) -> Path:
-    name = base or TASK_TEMPLATES[task]
-    p = Path(name)
-    if p.is_file():
-        return p
-    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"--base: '{name}' is neither a file nor a bundled config ({known})")
+    try:
+        return find_config(base or TASK_TEMPLATES[task])
+    except ValueError as exc:
+        raise ConfigError(f"--base: {exc}") from None
 
 
 def _splits(fp: Fingerprint, cfg) -> dict[str, int]:
