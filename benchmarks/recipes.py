@@ -10,7 +10,8 @@ Datasets: hc18 (the real HC18 subset in ../shared/data/hc18 when present; skippe
 every task, generated into DIR/data by the bundled configs. Rows per dataset:
   hand      the bundled config as shipped, at --steps for the synthetic sets (its own max_steps for hc18);
   planned   `medpose plan DATA --task T --budget-min M` with M = the hand row's training minutes, so both rows get the
-            same CPU budget; trained as planned;
+            same CPU budget (--budget-min overrides M, --no-probe plans from the planner's throughput table: on
+            a busy machine the probe times slow steps); trained as planned;
   +flip     the planned row's best checkpoint evaluated with eval.flip_test=true;
   +5-fold   `medpose train --config plan.yaml --folds all` with data.num_folds=5, each fold given all the planned
             steps (--fold-steps full, as nnU-Net does: five times the cost) or 1/5 of them (--fold-steps equal: the
@@ -114,6 +115,8 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
                             figures=_figures(d / "run" / "report.json", spec["keys"])))
     rows.append(res)
     budget = res["train_min"] if math.isfinite(res["train_min"]) else res["wall_s"] / 60.0
+    if args.budget_min:
+        budget = args.budget_min
 
     # planned
     d = base / "planned"
@@ -122,11 +125,12 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
     if res is None:
         t0 = time.perf_counter()
         _run(["plan", data_root, "--task", spec["task"], "--out", str(plan), "--budget-min", f"{budget:.2f}",
-              *(["--no-probe"] if args.quick else [])])
+              *(["--no-probe"] if args.quick or args.no_probe else [])])
         plan_s = time.perf_counter() - t0
         wall = _run(["train", "--config", str(plan), f"log.run_dir={d / 'run'}", *quick,
                      *(steps if args.quick else []), *common])
-        res = _save(d, dict(row="planned", config=str(plan), plan_s=plan_s, wall_s=wall,
+        res = _save(d, dict(row="planned", config=str(plan), plan_s=plan_s, wall_s=wall, budget_min=budget,
+                            probe=not (args.quick or args.no_probe),
                             train_min=_train_minutes(d / "run"),
                             figures=_figures(d / "run" / "report.json", spec["keys"])))
     rows.append(res)
@@ -191,6 +195,11 @@ def parse_args(argv=None):
     p.add_argument("--fold-steps", choices=["equal", "full"], default="full",
                    help="each fold's steps: the planned run's (full, nnU-Net) or 1/folds of them (equal budget)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-min", type=float, default=0.0,
+                   help="the planned row's budget (default: the hand row's training minutes as measured)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="plan from the planner's throughput table instead of a timed probe (a busy machine "
+                        "times slow)")
     p.add_argument("--quick", action="store_true", help="tiny sets and a few steps (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:

@@ -107,7 +107,8 @@ MULTIPLES = {"multihipposenet": lambda a: 32, "hourglass": lambda a: 32,
 # (README "Measured", benchmarks/results/seed_systems_cpu_*.md, seg_zoo_hc18_cpu_*.md, landmarks_accuracy_cpu_*.md)
 THROUGHPUT = {"multihipposenet": (14.0, 128 * 160, 16), "efficientnet_ms_cbam_3scales": (14.2, 160 * 160, None),
               "hourglass": (4.7, 256 * 128, 64), "landmark_hrnet": (6.7, 320 * 256, 64),
-              "unet_multitask": (4.7, 160 * 224, 16), "unet_pp": (5.6, 128 * 192, 16)}
+              "unet_multitask": (4.7, 160 * 224, 16), "unet_pp": (5.6, 128 * 192, 16),
+              "unet": (10.0, 160 * 224, 16)}   # hc18_unet on a quiet 2-core CPU: 800 x 8 samples in ~640 s of steps
 THROUGHPUT_OTHER = (5.0, 160 * 224, None)
 REFERENCE_CORES = 2
 
