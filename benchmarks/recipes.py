@@ -114,9 +114,9 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
         res = _save(d, dict(row="hand", config=spec["config"], wall_s=wall, train_min=_train_minutes(d / "run"),
                             figures=_figures(d / "run" / "report.json", spec["keys"])))
     rows.append(res)
-    budget = res["train_min"] if math.isfinite(res["train_min"]) else res["wall_s"] / 60.0
-    if args.budget_min:
-        budget = args.budget_min
+    budget = args.budget_min or res.get("train_min") or (res.get("wall_s") or 0.0) / 60.0
+    if not (budget and math.isfinite(budget)):
+        raise SystemExit(f"{name}: the hand row records no training time; give --budget-min")
 
     # planned
     d = base / "planned"

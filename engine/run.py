@@ -463,10 +463,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path | Sequence[str | Pat
     cfg = resolve_targets(cfg, strategy.info.device)          # and data.loader
     out_dir = Path(out_dir)
     try:
-        if strategy.info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        strategy.barrier()
-        setup_console_logging(strategy.info.rank, out_dir)
+        _open_eval_dir(strategy, out_dir)
         data = build_data(cfg, out_dir, strategy, split="all" if split == "all" else "runs", expect=expect)
         task_state = client.get("task")
         if task_state:
@@ -486,6 +483,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path | Sequence[str | Pat
         strategy.close()
 
 
+def _open_eval_dir(strategy, out_dir: Path) -> None:
+    """Rank 0 creates the evaluation's output folder; every rank logs into it."""
+    if strategy.info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    strategy.barrier()
+    setup_console_logging(strategy.info.rank, out_dir)
+
+
 def evaluate_ensemble(cfg: Config, checkpoints: Sequence[str | Path], out_dir: str | Path, split: str = "test"
                       ) -> dict[str, Any] | None:
     """evaluate_checkpoint for several checkpoints: each network is built from its own checkpoint's config (members
@@ -501,10 +506,7 @@ def evaluate_ensemble(cfg: Config, checkpoints: Sequence[str | Path], out_dir: s
     cfg = resolve_targets(cfg, strategy.info.device)          # and data.loader
     out_dir = Path(out_dir)
     try:
-        if strategy.info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        strategy.barrier()
-        setup_console_logging(strategy.info.rank, out_dir)
+        _open_eval_dir(strategy, out_dir)
         model, member_cfg, member_task, state = load_ensemble(checkpoints, strategy.info.device)
         for field, ours, theirs in (("data.task", cfg.data.task, member_cfg.data.task),
                                     ("data.input_hw", tuple(cfg.data.input_hw), tuple(member_cfg.data.input_hw))):
