@@ -191,9 +191,16 @@ def test_heatmap_plan_follows_the_rules_loads_and_trains(tmp_path, capsys):
     assert (run / "checkpoints" / "best.pt").is_file()
 
 
-def test_segmentation_plan_unweighted_loads_and_trains(tmp_path):
-    root = tmp_path / "hc"
+@pytest.fixture(scope="module")
+def small_hc18(tmp_path_factory):
+    """12 synthetic HC18-layout images (135 x 200) shared by the segmentation plan tests (plans only read them)."""
+    root = tmp_path_factory.mktemp("hc")
     generate_hc18_dataset(root, 12, seed=3, image_hw=(135, 200))
+    return root
+
+
+def test_segmentation_plan_unweighted_loads_and_trains(tmp_path, small_hc18):
+    root = small_hc18
     out = tmp_path / "seg.yaml"
     result = P.make_plan(root, "segmentation", out=out, budget_min=5, use_probe=False, progress=False,
                          overrides=["data.num_folds=2", "model.args.base=8",
@@ -219,9 +226,8 @@ def test_segmentation_plan_unweighted_loads_and_trains(tmp_path):
     assert (run / "checkpoints" / "best.pt").is_file()
 
 
-def test_class_weights_rule_rewrites_weighted_losses(tmp_path):
-    root = tmp_path / "hc"
-    generate_hc18_dataset(root, 12, seed=3, image_hw=(135, 200))
+def test_class_weights_rule_rewrites_weighted_losses(tmp_path, small_hc18):
+    root = small_hc18
     base = tmp_path / "base.yaml"
     text = (P.CONFIG_DIR / "seg_zoo.yaml").read_text().replace('loss: "0.8*ce + 0.2*iou"',
                                                                 'loss: "wce", class_weights: [1.0, 5.0]')
