@@ -54,9 +54,11 @@ def fold_dirs(base: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_checkpoints(specs: Sequence[str | Path]) -> list[Path]:
+def resolve_checkpoints(specs: str | Path | Sequence[str | Path]) -> list[Path]:
     """The checkpoint files of `--checkpoint` arguments (module docstring): a folder of fold_<k> runs gives each
     fold's checkpoint, a run directory its own; anything else is taken as a file (loading it says if it is not)."""
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
     if not specs:
         raise ConfigError("no checkpoint given (--checkpoint FILE, repeatable, or a folder of fold_<k> runs)")
     out: list[Path] = []

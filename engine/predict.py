@@ -52,15 +52,14 @@ def predict_files(checkpoint: str | Path | list[str | Path], inputs: list[str | 
     preprocessing)."""
     from .run import load_for_inference    # here, not at import: `predict --onnx` never loads the training stack
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if isinstance(checkpoint, (list, tuple)) or Path(checkpoint).is_dir():
-        from .ensemble import load_ensemble, resolve_checkpoints
-        paths = resolve_checkpoints(list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint])
-        if len(paths) > 1:
-            log.info("predict: ensemble of %d checkpoints: %s", len(paths), ", ".join(map(str, paths)))
-            model, cfg, task, state = load_ensemble(paths, device)
-            return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad,
-                                progress)
-        checkpoint = paths[0]
+    from .ensemble import load_ensemble, resolve_checkpoints
+    paths = resolve_checkpoints(checkpoint)           # a file is itself; a list or a folds folder may be several
+    if len(paths) > 1:
+        log.info("predict: ensemble of %d checkpoints: %s", len(paths), ", ".join(map(str, paths)))
+        model, cfg, task, state = load_ensemble(paths, device)
+        return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad,
+                            progress)
+    checkpoint = paths[0]
     model, cfg, task, state = load_for_inference(checkpoint, device)
     return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad, progress)
 

@@ -448,11 +448,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path | Sequence[str | Pat
     `train --folds` base): more than one checkpoint is evaluated as their ensemble (evaluate_ensemble)."""
     from .consolidate import checkpoint_weights
     from .ensemble import resolve_checkpoints
-    if isinstance(checkpoint, (list, tuple)) or Path(checkpoint).is_dir():
-        paths = resolve_checkpoints(list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint])
-        if len(paths) != 1:
-            return evaluate_ensemble(cfg, paths, out_dir, split)
-        checkpoint = paths[0]
+    paths = resolve_checkpoints(checkpoint)           # a file is itself; a list or a folds folder may be several
+    if len(paths) > 1:
+        return evaluate_ensemble(cfg, paths, out_dir, split)
+    checkpoint = paths[0]
     ckpt = load_checkpoint_file(checkpoint)
     weights = checkpoint_weights(checkpoint, ckpt)  # merged from DeepSpeed shards when the file holds none
     client = ckpt.get("client", {})
