@@ -180,7 +180,8 @@ def test_heatmap_plan_follows_the_rules_loads_and_trains(tmp_path, capsys):
     assert Path(cfg.data.root) == root.resolve()
     lo, hi = cfg.data.scale_range
     assert 0.75 <= lo <= 0.95 and 1.05 <= hi <= 1.33 and 5 <= cfg.data.rotation_deg <= 30
-    assert cfg.train.eval_every == cfg.train.ckpt_every == max(1, cfg.train.max_steps // 4)
+    every = max(1, cfg.train.max_steps // 4)
+    assert cfg.train.eval_every == cfg.train.ckpt_every == (every // 10 * 10 if every >= 100 else every)
     raw = out.read_text()
     assert re.search(r"^  sigma_px: [\d.]+  # median nearest-landmark distance", raw, re.M)
     assert re.search(r"^  input_hw: \[96, 160\]  # median image 120x160", raw, re.M)
@@ -245,7 +246,17 @@ def test_fetal_head_and_xray_plans(tmp_path):
                     overrides=["data.num_folds=2"])
     cfg = _check_plan(r)
     assert cfg.model.criterion_args["class_weights"] == [1.0, 1.0]             # unweighted
-    assert 1.5 <= cfg.data.sigma_px <= 4.0 and cfg.data.rotation_deg == 30.0   # heads lie at any angle
+    assert 1.5 <= cfg.data.sigma_px <= 4.0
+    assert cfg.data.rotation_deg == 30.0                     # heads lie at any angle; 5 min: 100s of epochs of 5
+    assert cfg.data.scale_range[0] < 0.9 and cfg.data.scale_range[1] > 1.1     # wider than the base's 0.9-1.1
+    short = P.make_plan(hc, "fetal_head", out=tmp_path / "f2.yaml", budget_min=5, use_probe=False, progress=False,
+                        overrides=["data.num_folds=2", "train.max_steps=40"])
+    rot = next(p for p in short["planned"] if p.key == "data.rotation_deg")
+    assert 40 * short["config"].train.batch_size / 5 < P.AUG_FULL_EPOCHS    # a short run: the base config's ranges
+    assert short["config"].data.rotation_deg == 15.0 and "-> +-30 deg" in rot.reason and "capped at the base" in \
+        rot.reason
+    lo, hi = cfg.data.scale_range
+    assert tuple(short["config"].data.scale_range) == (max(lo, 0.9), min(hi, 1.1))
     xr = tmp_path / "xr"
     generate_xray_dataset(xr, 12, seed=5, image_hw=(192, 160))
     r = P.make_plan(xr, "hip_xray", out=tmp_path / "x.yaml", budget_min=5, use_probe=False, progress=False,
@@ -313,3 +324,17 @@ def test_gpu_rules_without_a_gpu(tmp_path, monkeypatch):
     assert cfg.model.args["base"] == 32 and cfg.data.num_workers == 8
     n_train = r["splits"]["train"]                                  # 2 x the base batch, <= a quarter of the split
     assert cfg.train.batch_size == max(2, min(16, max(2, n_train // 4)))
+
+
+def test_cpu_batch_is_halved_for_steps_but_not_below_four(tmp_path):
+    """A short CPU budget halves the base config's batch 8 to reach MIN_STEPS, but not below MIN_CPU_BATCH: BatchNorm
+    statistics over 2 samples are noise (the synthetic segmentation set lost Dice 0.989 -> 0.980 at batch 2)."""
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, 96, seed=2, image_hw=(135, 200))
+    got = {}
+    for budget in (0.3, 60):
+        r = P.make_plan(root, "fetal_head", out=tmp_path / f"{budget}.yaml", budget_min=budget, use_probe=False,
+                        progress=False, overrides=["data.num_folds=2"])
+        got[budget] = (r["config"].train.batch_size, r["config"].train.max_steps)
+    assert got[0.3][0] == P.MIN_CPU_BATCH == 4 and got[0.3][1] < P.MIN_STEPS     # halved once, no further
+    assert got[60][0] == 8 and got[60][1] > P.MIN_STEPS                           # the base config's batch
