@@ -179,7 +179,7 @@ def write_table(out: Path, results: dict[str, list[dict]]) -> Path:
         for r in rows:
             figs = ", ".join(f"{label} {_fmt(r['figures'].get(k), dg)}" for k, label, dg in keys)
             lines.append(f"| {name} | {r['row']} | {figs} | {_fmt(r.get('train_min'), 1)} | "
-                         f"{_fmt(r['wall_s'] / 60.0, 1)} |")
+                         f"{_fmt(r['wall_s'] / 60.0 if r.get('wall_s') is not None else None, 1)} |")
     md = out / "recipes.md"
     md.write_text("\n".join(lines) + "\n")
     (out / "recipes.json").write_text(json.dumps(results, indent=2))
