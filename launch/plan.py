@@ -18,7 +18,8 @@ Rules (the constants below hold the numbers):
                 H / aspect; never larger than the median image (no upsampling; one stride at least). Budget: on a CPU
                 CPU_PIXEL_BUDGET (36k px, the bundled CPU configs' 160 x 224) or the task's own CPU config's input when
                 larger (landmarks: 320 x 256, sub-pixel landmarks need it); on a GPU by free memory
-                (GPU_PIXEL_BUDGETS: 224k px from 24 GiB, the 384 x 544 class).
+                (GPU_PIXEL_BUDGETS: 224k px from 24 GiB, the 384 x 544 class). On a CPU, when fewer than MIN_STEPS
+                steps of batch 4 would fit at that size (THROUGHPUT estimate), the base config's pixels instead.
   sigma_px      heatmap tasks only (the loss renders Gaussian targets): SIGMA_FRACTION (0.15) x the median
                 nearest-neighbour landmark distance in input pixels at the planned input size, clamped to SIGMA_RANGE
                 ([1.5, 4] px), so neighbouring heatmaps stay apart; reported in mm too (the median mm per input px).
@@ -92,6 +93,8 @@ STEP_OVERHEAD = 1.03                            # the loop around the probed ste
 EVALUATIONS = 4                                 # (measured: hc18_unet, 800 steps, 656 s of steps at 0.80 s predicted)
 MIN_STEPS = 200
 MIN_CPU_BATCH = 4                               # BatchNorm statistics at batch 2 are noise; never below the base's
+EVAL_FIXED_S = 5.0                              # per run, beside the per-image cost (measured: seg_zoo, 100 steps,
+                                                # 75.5 s of training loop = 71 s of steps + 2 validations)
 AUG_FULL_EPOCHS = 100                           # shorter runs: the base config's ranges cap the data's spread
 GPU_MEMORY_SHARE = 0.6
 GPU_MAX_BATCH = 32
@@ -456,6 +459,15 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
         budget_why = (f"CPU budget {budget_px:,} px" + (f" ({TASK_TEMPLATES[task]}.yaml's CPU input)"
                                                         if budget_px > CPU_PIXEL_BUDGET else ""))
     input_hw = plan_input_hw(med_hw, aspect, budget_px, stride)
+    base_hw = current("data.input_hw")
+    if not on_gpu and base_hw and input_hw[0] * input_hw[1] > int(base_hw[0]) * int(base_hw[1]):
+        sec, _how = _estimate_throughput(model_name, args, input_hw, hardware)
+        b = min(int(current("train.batch_size", cfg.train.batch_size)), MIN_CPU_BATCH)
+        fit = budget_min * 60.0 * BUDGET_SHARE / (STEP_OVERHEAD * sec * b)
+        if fit < MIN_STEPS:                 # a short budget: steps matter more than pixels
+            input_hw = plan_input_hw(med_hw, aspect, int(base_hw[0]) * int(base_hw[1]), stride)
+            budget_why += (f"; at {_fmt_hw(plan_input_hw(med_hw, aspect, budget_px, stride))} ~{fit:.0f} steps of "
+                           f"batch {b} fit (table) < {MIN_STEPS}: the base config's {_fmt_hw(base_hw)} pixels")
     if "data.input_hw" in given:
         input_hw = tuple(int(v) for v in cfg.data.input_hw)
     scale_med = min(input_hw[0] / med_hw[0], input_hw[1] / med_hw[1])
@@ -606,7 +618,7 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
             return STEP_OVERHEAD * max(sec_sample * b, load * b / max(workers, 1))
         return STEP_OVERHEAD * (sec_sample * b + load * b / max(cores, 1))
 
-    eval_s = 20.0 + (EVALUATIONS * splits["val"] + splits["test"]) * (0.5 * sec_sample + load)
+    eval_s = EVAL_FIXED_S + (EVALUATIONS * splits["val"] + splits["test"]) * (0.5 * sec_sample + load)
     train_s = max(budget_s * BUDGET_SHARE - eval_s, 0.25 * budget_s)
     if "train.batch_size" in given:                 # the command line's batch: steps are planned for it
         batch = cfg.train.batch_size
