@@ -17,6 +17,9 @@ every task, generated into DIR/data by the bundled configs. Rows per dataset:
             steps (--fold-steps full, as nnU-Net does: five times the cost) or 1/5 of them (--fold-steps equal: the
             ensemble costs one planned run), evaluated as the average of the five best checkpoints, with the flip
             test; --folds 1 leaves the row out.
+Beside each row's figures, its per-image error minus the hand row's on the same test images, with a 95 % bootstrap
+interval over the images (test-set noise only; the run-to-run spread of training is not in it): a row is better than
+the hand-written config only where that interval lies below 0.
 Every row's folder keeps its config, report.json and metrics.jsonl; a row whose result.json exists is not rerun, so
 the script resumes after an interruption. The table goes to DIR/recipes.md and DIR/recipes.json.
 """
@@ -30,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,22 +47,57 @@ HC18_ROOT = ROOT.parent / "shared" / "data" / "hc18"
 DATASETS: dict[str, dict] = {
     "hc18": dict(task="fetal_head", config="hc18_unet", data={"root": str(HC18_ROOT), "synthetic": False},
                  keys=[("seg_dice", "Dice", 4), ("hc_mae_mm", "HC MAE mm", 2), ("hc_bias_mm", "HC bias mm", 2)],
-                 real=True),
+                 paired=("HC abs err mm", lambda r: abs(r["hc_err_mm"])), real=True),
     "fetal_head_synth": dict(task="fetal_head", config="hc18_unet", data={"synthetic": True, "synth_n": 80},
                              keys=[("seg_dice", "Dice", 4), ("hc_mae_mm", "HC MAE mm", 2),
-                                   ("hc_bias_mm", "HC bias mm", 2)]),
+                                   ("hc_bias_mm", "HC bias mm", 2)],
+                             paired=("HC abs err mm", lambda r: abs(r["hc_err_mm"]))),
     "hip_us": dict(task="hip_us", config="hip_demo", data={},
                    keys=[("seg_miou", "mIoU", 3), ("alpha_mae_deg", "alpha MAE deg", 2),
-                         ("landmark_mre_px", "MRE px", 2)]),
+                         ("landmark_mre_px", "MRE px", 2)],
+                   paired=("1 - mean fg Dice", lambda r: 1.0 - _mean([v for k, v in r["dice"].items()
+                                                                     if k != "background"]))),
     "hip_xray": dict(task="hip_xray", config="xray_demo", data={},
-                     keys=[("landmark_mre_px", "MRE px", 2), ("ai_mae_deg", "AI MAE deg", 2)]),
+                     keys=[("landmark_mre_px", "MRE px", 2), ("ai_mae_deg", "AI MAE deg", 2)],
+                     paired=("MRE px", lambda r: r["mre_px"])),
     "spine_disc": dict(task="spine_disc", config="spine_demo", data={},
-                       keys=[("dtt_mm", "DTT mm", 2), ("fnr_pct", "FNR %", 1)]),
+                       keys=[("dtt_mm", "DTT mm", 2), ("fnr_pct", "FNR %", 1)],
+                       paired=("DTT mm", lambda r: _mean(r["dtt_mm"]))),
     "landmarks": dict(task="landmarks", config="landmarks", data={"synthetic": True},
-                      keys=[("landmark_mre_mm", "MRE mm", 2), ("landmark_median_mm", "median mm", 2)]),
+                      keys=[("landmark_mre_mm", "MRE mm", 2), ("landmark_median_mm", "median mm", 2)],
+                      paired=("MRE mm", lambda r: r["mre_mm"])),
     "segmentation": dict(task="segmentation", config="seg_zoo", data={},
-                         keys=[("dice", "Dice", 4), ("hd95_mm", "HD95 mm", 2)]),
+                         keys=[("dice", "Dice", 4), ("hd95_mm", "HD95 mm", 2)],
+                         paired=("1 - Dice", lambda r: 1.0 - r["dice"])),
 }
+
+
+def _mean(values) -> float:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+# row -> its per-image file under the dataset's folder
+PER_IMAGE = {"hand": "hand/run", "planned": "planned/run", "+flip": "planned_flip/eval",
+             "+k-fold": "planned_5fold/run/ensemble_test"}
+
+
+def paired_vs_hand(base: Path, row: str, error, n_boot: int = 5000, seed: int = 0) -> dict | None:
+    """The row's per-image error minus the hand row's on the same test images (lower is better): the mean difference
+    and its 95 % bootstrap interval over images - test-set noise only, not the run-to-run spread of training."""
+    files = [base / PER_IMAGE["+k-fold" if row.endswith("-fold") else row] / "per_image.jsonl",
+             base / PER_IMAGE["hand"] / "per_image.jsonl"]
+    if row == "hand" or not all(f.is_file() for f in files):
+        return None
+    a, h = ({(r := json.loads(line))["id"]: error(r) for line in f.read_text().splitlines() if line.strip()}
+            for f in files)
+    ids = [i for i in sorted(set(a) & set(h)) if math.isfinite(a[i]) and math.isfinite(h[i])]
+    if len(ids) < 2:
+        return None
+    d = np.array([a[i] - h[i] for i in ids])
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "n": len(ids)}
 
 
 def _run(argv: list[str]) -> float:
@@ -173,12 +212,18 @@ def _fmt(v, digits: int) -> str:
 
 
 def write_table(out: Path, results: dict[str, list[dict]]) -> Path:
-    lines = ["| dataset | row | " + " | ".join(["figures", "train min", "wall min"]) + " |", "|---|---|---|---|---|"]
+    lines = ["| dataset | row | figures | per-image error vs hand (paired, 95 % CI) | train min | wall min |",
+             "|---|---|---|---|---|---|"]
     for name, rows in results.items():
         keys = DATASETS[name]["keys"]
+        label, error = DATASETS[name]["paired"]
         for r in rows:
-            figs = ", ".join(f"{label} {_fmt(r['figures'].get(k), dg)}" for k, label, dg in keys)
-            lines.append(f"| {name} | {r['row']} | {figs} | {_fmt(r.get('train_min'), 1)} | "
+            figs = ", ".join(f"{lab} {_fmt(r['figures'].get(k), dg)}" for k, lab, dg in keys)
+            pv = paired_vs_hand(out / name, r["row"], error)
+            r["paired_vs_hand"] = None if pv is None else dict(pv, error=label)
+            pcol = "" if pv is None else (f"{label} {pv['mean']:+.3g} [{pv['ci95'][0]:+.3g}, {pv['ci95'][1]:+.3g}]"
+                                          f" (n={pv['n']})")
+            lines.append(f"| {name} | {r['row']} | {figs} | {pcol} | {_fmt(r.get('train_min'), 1)} | "
                          f"{_fmt(r['wall_s'] / 60.0 if r.get('wall_s') is not None else None, 1)} |")
     md = out / "recipes.md"
     md.write_text("\n".join(lines) + "\n")

@@ -34,3 +34,30 @@ def test_recipes_quick_rows_match_their_reports(tmp_path):
     assert _run(out).returncode == 0
     assert (base / "hand" / "result.json").stat().st_mtime == before
     assert json.loads((out / "recipes.json").read_text())["segmentation"] == rows
+
+
+def test_paired_difference_against_the_hand_row(tmp_path):
+    """The per-image error of a row minus the hand row's, matched by image id (ids in another order, one image only
+    in one file), with a bootstrap interval that holds the mean and shrinks to it when every difference is equal."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipes
+
+    base = tmp_path / "hc18"
+    rng = __import__("numpy").random.default_rng(0)
+    hand = {f"im{i}": float(e) for i, e in enumerate(rng.normal(0.5, 2.0, 40))}
+    delta = {k: 0.3 + 0.05 * (i % 3 - 1) for i, k in enumerate(hand)}      # 0.25, 0.3 or 0.35 per image
+    for row, errs in (("hand/run", hand), ("planned/run", {k: hand[k] + delta[k] for k in reversed(list(hand))}
+                                           | {"only_here": 99.0})):
+        (base / row).mkdir(parents=True)
+        (base / row / "per_image.jsonl").write_text(
+            "\n".join(json.dumps({"id": k, "hc_err_mm": v}) for k, v in errs.items()) + "\n")
+    err = recipes.DATASETS["hc18"]["paired"][1]
+    pv = recipes.paired_vs_hand(base, "planned", lambda r: r["hc_err_mm"])
+    expect = sum(delta.values()) / len(delta)
+    assert pv["n"] == 40 and abs(pv["mean"] - expect) < 1e-12
+    assert pv["ci95"][0] < expect < pv["ci95"][1] and pv["ci95"][1] - pv["ci95"][0] < 0.05
+    assert recipes.paired_vs_hand(base, "hand", err) is None                          # no row against itself
+    assert recipes.paired_vs_hand(base, "+flip", err) is None                         # no per-image file
+    same = recipes.paired_vs_hand(base, "planned", lambda r: 0.0)
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert err({"hc_err_mm": -2.5}) == 2.5                                            # absolute HC error
