@@ -16,7 +16,8 @@ every task, generated into DIR/data by the bundled configs. Rows per dataset:
   +5-fold   `medpose train --config plan.yaml --folds all` with data.num_folds=5, each fold given all the planned
             steps (--fold-steps full, as nnU-Net does: five times the cost) or 1/5 of them (--fold-steps equal: the
             ensemble costs one planned run), evaluated as the average of the five best checkpoints, with the flip
-            test; --folds 1 leaves the row out.
+            test where the model trains on mirrored images; --folds 1 leaves the row out.
+The flip rows need data.flip_p > 0 in the plan (left/right pairs in the data); without, the +flip row says "n/a".
 Beside each row's figures, its per-image error minus the hand row's on the same test images, with a 95 % bootstrap
 interval over the images (test-set noise only; the run-to-run spread of training is not in it): a row is better than
 the hand-written config only where that interval lies below 0.
@@ -173,12 +174,18 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
                             train_min=_train_minutes(d / "run"),
                             figures=_figures(d / "run" / "report.json", spec["keys"])))
     rows.append(res)
-    planned_steps = int(yaml.safe_load((d / "run" / "config.yaml").read_text())["train"]["max_steps"])
+    planned_cfg = yaml.safe_load((d / "run" / "config.yaml").read_text())
+    planned_steps = int(planned_cfg["train"]["max_steps"])
+    flips = float(planned_cfg["data"].get("flip_p") or 0.0) > 0     # the flip test needs a model trained on mirrors
 
     # + flip test
     d2 = base / "planned_flip"
     res = _done(d2)
-    if res is None:
+    if res is None and not flips:
+        res = _save(d2, dict(row="+flip", wall_s=None, train_min=None, figures={k: None for k, _, _ in spec["keys"]},
+                             note="not applicable: the planned model is trained without mirrored images "
+                                  "(data.flip_p=0: no left/right landmark pairs)"))
+    elif res is None:
         ckpt = d / "run" / "checkpoints" / "best.pt"
         if not ckpt.is_file():
             ckpt = d / "run" / "checkpoints" / "last.pt"
@@ -196,7 +203,7 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
         wall = _run(["train", "--config", str(plan), "--folds", "all", f"data.num_folds={args.folds}",
                      f"log.run_dir={d3 / 'run'}", f"train.max_steps={fold_steps}",
                      f"train.eval_every={max(fold_steps // 2, 1)}", f"train.ckpt_every={max(fold_steps // 2, 1)}",
-                     "eval.flip_test=true", *quick, *common])
+                     f"eval.flip_test={str(flips).lower()}", *quick, *common])
         folds = json.loads((d3 / "run" / "folds.json").read_text())
         minutes = [float(f.get("train_wall_time_s") or math.nan) / 60.0 for f in folds["folds"]]
         res = _save(d3, dict(row=f"+{args.folds}-fold", wall_s=wall, train_min=float(sum(minutes)),
@@ -219,6 +226,8 @@ def write_table(out: Path, results: dict[str, list[dict]]) -> Path:
         label, error = DATASETS[name]["paired"]
         for r in rows:
             figs = ", ".join(f"{lab} {_fmt(r['figures'].get(k), dg)}" for k, lab, dg in keys)
+            if r.get("note") and all(r["figures"].get(k) is None for k, _, _ in keys):
+                figs = r["note"]
             pv = paired_vs_hand(out / name, r["row"], error)
             r["paired_vs_hand"] = None if pv is None else dict(pv, error=label)
             pcol = "" if pv is None else (f"{label} {pv['mean']:+.3g} [{pv['ci95'][0]:+.3g}, {pv['ci95'][1]:+.3g}]"

@@ -195,7 +195,7 @@ class EvalConfig:
     """Options of the task's metrics (e.g. spine_disc: fn_si_mm, fp_si_mm); checked against the task's signature."""
     flip_test: bool = False
     """Flip test: also predict the left/right-mirrored image and average the two (models/flip_test.py), swapping the
-    dataset's flip_pairs; twice the evaluation cost."""
+    dataset's flip_pairs; twice the evaluation cost. Needs a model trained with mirrored images (data.flip_p > 0)."""
     corrupt: str = ""
     """Robustness evaluation of the final test report and `medpose eval`: "KIND:LEVEL,LEVEL,..." (several kinds joined
     with ";"), KIND one of salt_pepper (noise density), gaussian (sigma, fraction of the intensity range), speckle
@@ -360,6 +360,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self):
+        if self.eval.flip_test and not self.data.flip_p > 0:
+            raise ConfigError("eval.flip_test: the model is trained without mirrored images (data.flip_p=0), so a "
+                              "mirrored image is outside what it learned and averaging it in degrades the result; "
+                              "train with data.flip_p > 0 (left/right landmark pairs swap on a flip) or leave the "
+                              "flip test off")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
