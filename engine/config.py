@@ -361,15 +361,18 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
-    def __post_init__(self):
-        if self.eval.flip_test and not self.data.flip_p > 0:
-            raise ConfigError("eval.flip_test: the model is trained without mirrored images (data.flip_p=0), so a "
-                              "mirrored image is outside what it learned and averaging it in degrades the result; "
-                              "train with data.flip_p > 0 (left/right landmark pairs swap on a flip) or leave the "
-                              "flip test off")
-
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+def check_flip_test(cfg: Config, where: str = "config") -> None:
+    """eval.flip_test needs a model trained on mirrored images (data.flip_p > 0): checked before training, evaluation
+    and prediction, not when a saved config is read (an old checkpoint stays loadable with the flip test off)."""
+    if cfg.eval.flip_test and not float(cfg.data.flip_p or 0.0) > 0:
+        raise ConfigError(f"{where}: eval.flip_test: the model is trained without mirrored images (data.flip_p=0), "
+                          f"so a mirrored image is outside what it learned and averaging it in degrades the result; "
+                          f"train with data.flip_p > 0 (left/right landmark pairs swap on a flip) or set "
+                          f"eval.flip_test=false")
 
 
 def _plain(obj):

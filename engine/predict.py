@@ -23,6 +23,7 @@ from data_pipelines.build import reader_for
 from data_pipelines.errors import DataError
 from data_pipelines.predict_input import expand_inputs, load_for_predict
 
+from .config import check_flip_test
 from .evaluate import predict_batch, sample_prediction
 from .report import _finite_or_none
 
@@ -71,6 +72,7 @@ def predict_with(model, cfg, task, state: dict[str, Any], inputs: list[str | Pat
     """The predict loop for any network `model` (a torch module, or an exported model behind the same call:
     engine/onnx_predict.py): image_BCHW on `device` -> output dict of tensors. cfg, task and state are what
     load_for_inference returns (or the export sidecar holds)."""
+    check_flip_test(cfg, "medpose predict")
     reader, _ = reader_for(cfg.data)
     files = expand_inputs(inputs, reader.annotation_suffixes)
     decode = task.decoder(cfg)

@@ -19,7 +19,7 @@ from data_pipelines.records import DataInfo, Preprocess
 from models import CRITERIA, MODELS, build_criterion
 
 from .checkpoint import CheckpointError, load_checkpoint_file, resolve_resume, seed_everything, versions
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, check_flip_test, save_config
 from .dist import DistInfo, read_dist_info
 from .evaluate import evaluate_dataset
 from .fitting import check_fit, shape_model_by_data
@@ -97,6 +97,7 @@ def prepare(cfg: Config):
     """(resolved config with the model shaped by the data, task, DataInfo): every check that task, model and data
     fit happens here, before any data is generated or any step is run (engine/fitting.py)."""
     cfg = resolve_config(cfg)
+    check_flip_test(cfg)
     task = build_task(cfg.data.task, cfg.eval.task_args)
     check_model_args(cfg)
     make_criterion_check(cfg)

@@ -189,11 +189,16 @@ def test_evaluate_dataset_passes_the_dataset_flip_pairs(monkeypatch):
 
 def test_flip_test_needs_a_model_trained_on_mirrored_images():
     """A model never shown a mirrored image (data.flip_p=0) gets no flip test: on the synthetic hip-ultrasound set
-    (fixed left/right orientation, no flip pairs) averaging the mirrored pass took mIoU 0.868 -> 0.520."""
-    from engine.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match=r"eval\.flip_test: .*data\.flip_p=0"):
-        load_config(CONFIGS / "hip_demo.yaml", ["eval.flip_test=true"])
+    (fixed left/right orientation, no flip pairs) averaging the mirrored pass took mIoU 0.868 -> 0.520. Checked where
+    the flip test would run (engine.run.prepare: train and eval; predict), not when a saved config is read."""
+    from engine.config import ConfigError, check_flip_test, load_config
+    cfg = load_config(CONFIGS / "hip_demo.yaml", ["eval.flip_test=true"])              # loadable: old checkpoints
+    with pytest.raises(ConfigError, match=r"^config: eval\.flip_test: .*data\.flip_p=0"):
+        check_flip_test(cfg)
     with pytest.raises(ConfigError, match=r"eval\.flip_test"):
-        load_config(CONFIGS / "seg_zoo.yaml", ["eval.flip_test=true", "data.flip_p=0.0"])
-    cfg = load_config(CONFIGS / "seg_zoo.yaml", ["eval.flip_test=true"])         # trained with flips: fine
-    assert cfg.eval.flip_test and cfg.data.flip_p == 0.5
+        check_flip_test(load_config(CONFIGS / "seg_zoo.yaml", ["eval.flip_test=true", "data.flip_p=0.0"]))
+    check_flip_test(load_config(CONFIGS / "seg_zoo.yaml", ["eval.flip_test=true"]))   # trained with flips: fine
+    check_flip_test(load_config(CONFIGS / "hip_demo.yaml"))                           # no flip test: fine
+    from engine.run import prepare
+    with pytest.raises(ConfigError, match=r"eval\.flip_test"):                     # before any data is generated
+        prepare(cfg)
