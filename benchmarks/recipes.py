@@ -228,7 +228,8 @@ def write_table(out: Path, results: dict[str, list[dict]]) -> Path:
             figs = ", ".join(f"{lab} {_fmt(r['figures'].get(k), dg)}" for k, lab, dg in keys)
             if r.get("note") and all(r["figures"].get(k) is None for k, _, _ in keys):
                 figs = r["note"]
-            pv = paired_vs_hand(out / name, r["row"], error)
+            measured = any(r["figures"].get(k) is not None for k, _, _ in keys)
+            pv = paired_vs_hand(out / name, r["row"], error) if measured else None
             r["paired_vs_hand"] = None if pv is None else dict(pv, error=label)
             pcol = "" if pv is None else (f"{label} {pv['mean']:+.3g} [{pv['ci95'][0]:+.3g}, {pv['ci95'][1]:+.3g}]"
                                           f" (n={pv['n']})")
