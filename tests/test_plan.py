@@ -326,16 +326,19 @@ def test_gpu_rules_without_a_gpu(tmp_path, monkeypatch):
     assert cfg.train.batch_size == max(2, min(16, max(2, n_train // 4)))
 
 
+def _plans_at_budgets(tmp_path, task: str, n: int, image_hw, seed: int, budgets) -> dict:
+    """{budget: make_plan result} for one synthetic HC18-layout set planned at several CPU budgets (--no-probe)."""
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, n, seed=seed, image_hw=image_hw)
+    return {b: P.make_plan(root, task, out=tmp_path / f"{b}.yaml", budget_min=b, use_probe=False, progress=False,
+                           overrides=["data.num_folds=2"]) for b in budgets}
+
+
 def test_cpu_batch_is_halved_for_steps_but_not_below_four(tmp_path):
     """A short CPU budget halves the base config's batch 8 to reach MIN_STEPS, but not below MIN_CPU_BATCH: BatchNorm
     statistics over 2 samples are noise (the synthetic segmentation set lost Dice 0.989 -> 0.980 at batch 2)."""
-    root = tmp_path / "hc"
-    generate_hc18_dataset(root, 96, seed=2, image_hw=(135, 200))
-    got = {}
-    for budget in (0.3, 60):
-        r = P.make_plan(root, "fetal_head", out=tmp_path / f"{budget}.yaml", budget_min=budget, use_probe=False,
-                        progress=False, overrides=["data.num_folds=2"])
-        got[budget] = (r["config"].train.batch_size, r["config"].train.max_steps)
+    plans = _plans_at_budgets(tmp_path, "fetal_head", 96, (135, 200), seed=2, budgets=(0.3, 60))
+    got = {b: (r["config"].train.batch_size, r["config"].train.max_steps) for b, r in plans.items()}
     assert got[0.3][0] == P.MIN_CPU_BATCH == 4 and got[0.3][1] < P.MIN_STEPS     # halved once, no further
     assert got[60][0] == 8 and got[60][1] > P.MIN_STEPS                           # the base config's batch
 
@@ -344,12 +347,8 @@ def test_a_short_cpu_budget_keeps_the_base_input_size(tmp_path):
     """Steps matter more than pixels in a short run: when fewer than MIN_STEPS steps of batch 4 fit at the CPU pixel
     budget's 160 x 224, the plan keeps seg_zoo's 128 x 192 pixels (a 1.3-min plan at 160 x 224: 52 steps, Dice
     0.936 against the bundled config's 0.989 at 100 steps)."""
-    root = tmp_path / "hc"
-    generate_hc18_dataset(root, 12, seed=4, image_hw=(270, 400))
     got = {}
-    for budget in (1.3, 30):
-        r = P.make_plan(root, "segmentation", out=tmp_path / f"{budget}.yaml", budget_min=budget, use_probe=False,
-                        progress=False, overrides=["data.num_folds=2"])
+    for budget, r in _plans_at_budgets(tmp_path, "segmentation", 12, (270, 400), seed=4, budgets=(1.3, 30)).items():
         got[budget] = tuple(r["config"].data.input_hw)
         why = next(p.reason for p in r["planned"] if p.key == "data.input_hw")
         assert ("the base config's 128x192 pixels" in why) == (budget == 1.3), why
