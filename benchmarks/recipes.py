@@ -225,10 +225,10 @@ def write_table(out: Path, results: dict[str, list[dict]]) -> Path:
         keys = DATASETS[name]["keys"]
         label, error = DATASETS[name]["paired"]
         for r in rows:
-            figs = ", ".join(f"{lab} {_fmt(r['figures'].get(k), dg)}" for k, lab, dg in keys)
-            if r.get("note") and all(r["figures"].get(k) is None for k, _, _ in keys):
-                figs = r["note"]
             measured = any(r["figures"].get(k) is not None for k, _, _ in keys)
+            figs = ", ".join(f"{lab} {_fmt(r['figures'].get(k), dg)}" for k, lab, dg in keys)
+            if not measured and r.get("note"):
+                figs = r["note"]
             pv = paired_vs_hand(out / name, r["row"], error) if measured else None
             r["paired_vs_hand"] = None if pv is None else dict(pv, error=label)
             pcol = "" if pv is None else (f"{label} {pv['mean']:+.3g} [{pv['ci95'][0]:+.3g}, {pv['ci95'][1]:+.3g}]"

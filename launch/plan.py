@@ -202,10 +202,11 @@ def gpu_batch_size(peak2_gib: float, peak4_gib: float, free_gib: float, cap: int
     return max(int(batch), 2), per
 
 
-def _cap_augmentation(planned: list[Planned], raw: dict, base: dict, epochs: float, given) -> None:
-    """A short run (< AUG_FULL_EPOCHS epochs) keeps the planned rotation / scale within the base config's ranges."""
+def _cap_augmentation(planned: list[Planned], raw: dict, base: dict, epochs: float) -> None:
+    """A short run (< AUG_FULL_EPOCHS epochs) keeps the planned rotation / scale within the base config's ranges
+    (keys given on the command line are never in `planned`)."""
     for i, p in enumerate(planned):
-        if p.key not in base or p.key in given:
+        if p.key not in base:
             continue
         if p.key == "data.rotation_deg":
             value = min(float(p.value), base[p.key])
@@ -460,14 +461,15 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
                                                         if budget_px > CPU_PIXEL_BUDGET else ""))
     input_hw = plan_input_hw(med_hw, aspect, budget_px, stride)
     base_hw = current("data.input_hw")
-    if not on_gpu and base_hw and input_hw[0] * input_hw[1] > int(base_hw[0]) * int(base_hw[1]):
+    base_px = int(base_hw[0]) * int(base_hw[1]) if base_hw else 0
+    if not on_gpu and "data.input_hw" not in given and input_hw[0] * input_hw[1] > base_px > 0:
         sec, _how = _estimate_throughput(model_name, args, input_hw, hardware)
         b = min(int(current("train.batch_size", cfg.train.batch_size)), MIN_CPU_BATCH)
         fit = budget_min * 60.0 * BUDGET_SHARE / (STEP_OVERHEAD * sec * b)
         if fit < MIN_STEPS:                 # a short budget: steps matter more than pixels
-            input_hw = plan_input_hw(med_hw, aspect, int(base_hw[0]) * int(base_hw[1]), stride)
-            budget_why += (f"; at {_fmt_hw(plan_input_hw(med_hw, aspect, budget_px, stride))} ~{fit:.0f} steps of "
-                           f"batch {b} fit (table) < {MIN_STEPS}: the base config's {_fmt_hw(base_hw)} pixels")
+            budget_why += (f"; at {_fmt_hw(input_hw)} ~{fit:.0f} steps of batch {b} fit (table) < {MIN_STEPS}: the "
+                           f"base config's {_fmt_hw(base_hw)} pixels")
+            input_hw = plan_input_hw(med_hw, aspect, base_px, stride)
     if "data.input_hw" in given:
         input_hw = tuple(int(v) for v in cfg.data.input_hw)
     scale_med = min(input_hw[0] / med_hw[0], input_hw[1] / med_hw[1])
@@ -638,7 +640,7 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
                                    f"{train_s:.0f} s / {step_time(batch):.3f} s per step (batch {batch}) -> {steps} "
                                    f"steps, {epochs:.1f} epochs of {n_train}")
     if epochs < AUG_FULL_EPOCHS:
-        _cap_augmentation(planned, raw, base_aug, epochs, given)
+        _cap_augmentation(planned, raw, base_aug, epochs)
     every = max(1, steps // EVALUATIONS)
     every = every // 10 * 10 if every >= 100 else every
     plan("train.eval_every", every, f"max_steps / {EVALUATIONS}: {EVALUATIONS} validations of {splits['val']} images")
