@@ -509,10 +509,13 @@ def evaluate_ensemble(cfg: Config, checkpoints: Sequence[str | Path], out_dir: s
         _open_eval_dir(strategy, out_dir)
         model, member_cfg, member_task, state = load_ensemble(checkpoints, strategy.info.device)
         for field, ours, theirs in (("data.task", cfg.data.task, member_cfg.data.task),
-                                    ("data.input_hw", tuple(cfg.data.input_hw), tuple(member_cfg.data.input_hw))):
-            if ours != theirs:
+                                    ("data.input_hw", tuple(cfg.data.input_hw), tuple(member_cfg.data.input_hw)),
+                                    ("model.name", cfg.model.name, member_cfg.model.name),
+                                    ("model.args", cfg.model.args, member_cfg.model.args)):
+            if ours != theirs:     # each member's network is built from its own checkpoint: a model override is void
                 raise ConfigError(f"the evaluation config has {field}={ours} but the ensemble's checkpoints (first: "
-                                  f"{checkpoints[0]}) were trained with {theirs}")
+                                  f"{checkpoints[0]}) were trained with {theirs}; each member's network is built "
+                                  f"from its own checkpoint's config")
         LOG.info("ensemble of %d checkpoints: %s", len(checkpoints), ", ".join(map(str, checkpoints)))
         data = build_data(cfg, out_dir, strategy, split="all" if split == "all" else "runs", expect=state["info"])
         task.load_state_dict(member_task.state_dict())

@@ -41,9 +41,11 @@ Rules (the constants below hold the numbers):
                 input pixels, width and cores): two real training steps of the planned model through the engine's
                 Trainer on this machine after one warm-up step, and the per-sample loading time of the planned
                 dataset. CPU: the base config's batch (at most a quarter of the training split), halved (down to
-                MIN_CPU_BATCH, 4, or the base's if smaller) while fewer than MIN_STEPS steps would fit; GPU: the
-                largest power of two (<= 32, <= a quarter of the training split) whose measured memory (two batch
-                sizes, linear) stays under GPU_MEMORY_SHARE of the free memory. Time per step = STEP_OVERHEAD
+                MIN_CPU_BATCH, 4, or the base's if smaller) while fewer than MIN_STEPS steps would fit, each halved
+                batch probed again (on the bundled sets, batch-4 steps ran up to 25 % slower per sample than a
+                probe at batch 8 or 16 said); GPU: the largest power of two (<= 32, <= a quarter of the training
+                split) whose measured memory (two batch sizes, linear) stays under GPU_MEMORY_SHARE of the free
+                memory. Time per step = STEP_OVERHEAD
                 (1.03) x (the probed step + the loading of its samples, spread over the cores on a CPU, overlapped by
                 the workers on a GPU); max_steps = (BUDGET_SHARE (0.95) x --budget-min - the estimated evaluations
                 and final test report) / time per step; eval_every = ckpt_every =
@@ -628,6 +630,11 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
         floor = min(MIN_CPU_BATCH, base_batch)
         while batch // 2 >= max(floor, 2) and train_s / step_time(batch) < MIN_STEPS:
             batch //= 2
+            if probe_out is not None:       # a smaller batch costs more per sample: time it, do not scale it
+                again = probe(cfg, fp, hardware, [batch])
+                probe_out["steps"][batch] = again["steps"][batch]
+                sec_sample = again["steps"][batch]["s_per_step"] / batch
+                how += f"; re-probed at batch {batch}: {again['steps'][batch]['s_per_step']:.3f} s/step"
     steps = cfg.train.max_steps if "train.max_steps" in given else _round_steps(train_s / step_time(batch))
     batch_why = (f"{how}; " + (f"{mem_why} -> batch {batch} (<= {GPU_MAX_BATCH}, <= a quarter of the {n_train} "
                                f"training samples)" if on_gpu else

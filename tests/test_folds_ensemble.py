@@ -310,6 +310,18 @@ def test_mismatched_members_name_both_files_and_the_field(folds_run, tmp_path, h
         load_ensemble([p0, task])
 
 
+def test_a_model_override_on_an_ensemble_eval_is_refused(folds_run, tmp_path, capsys):
+    """Each member is built from its own checkpoint, so model.name / model.args given to an ensemble evaluation would
+    be silently void: refused, naming the field, both values and the first member."""
+    base, _ = folds_run
+    p0 = _members(base)[0]
+    out = tmp_path / "e"
+    assert main(["eval", "--checkpoint", str(base), "--out", str(out), "model.args={num_classes: 2, base: 16}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.args={'num_classes': 2, 'base': 16" in err and "'base': 8" in err and str(p0) in err
+    assert not (out / "report.json").exists()
+
+
 def test_outputs_that_differ_are_named():
     a = {"heatmap_BKHW": torch.zeros(1, 3, 4, 4)}
     with pytest.raises(ConfigError, match=r"output keys: a\.pt gives \['heatmap_BKHW'\], b\.pt gives"):

@@ -284,6 +284,31 @@ def test_probe_times_real_steps_of_a_tiny_model(tmp_path):
     assert json.loads((tmp_path / "fingerprint.json").read_text())["probe"]["steps"][str(batch)]["s_per_step"] > 0
 
 
+def test_a_halved_cpu_batch_is_probed_again(tmp_path, monkeypatch):
+    """A step of half the batch costs more than half a step: the plan takes max_steps from a probe at the batch it
+    trains with (the X-ray, landmark and spine plans, scaled from batch 8 or 16 to 4, ran 8-17 % over budget)."""
+    root = tmp_path / "hc"
+    generate_hc18_dataset(root, 96, seed=2, image_hw=(135, 200))
+    per_step = {8: 4.0, 4: 3.0}                         # seconds: batch 4 costs 1.5x the per-sample time of batch 8
+    calls = []
+
+    def fake_probe(cfg, fp, hardware, batch_sizes, steps=2):
+        calls.append(list(batch_sizes))
+        return {"load_s_per_sample": 0.0, "device": "cpu", "params": 1,
+                "steps": {b: {"s_per_step": per_step[b]} for b in batch_sizes}}
+
+    monkeypatch.setattr(P, "probe", fake_probe)
+    r = P.make_plan(root, "fetal_head", out=tmp_path / "p.yaml", budget_min=10, device="cpu", progress=False,
+                    overrides=["data.num_folds=2"])
+    cfg = r["config"]
+    assert calls == [[8], [4]] and cfg.train.batch_size == 4
+    reason = next(p.reason for p in r["planned"] if p.key == "train.max_steps")
+    train_s = float(re.search(r"= (\d+) s /", reason).group(1))
+    assert cfg.train.max_steps == P._round_steps(train_s / (P.STEP_OVERHEAD * per_step[4]))
+    assert cfg.train.max_steps < P._round_steps(train_s / (P.STEP_OVERHEAD * per_step[8] / 2))   # scaling: more
+    assert "re-probed at batch 4: 3.000 s/step" in next(p.reason for p in r["planned"] if p.key == "train.batch_size")
+
+
 # ------------------------------------------------------------------------------------------------- errors
 def test_errors_name_the_folder_or_the_task(tmp_path, capsys):
     missing, empty = tmp_path / "nothing_here", tmp_path / "empty"
