@@ -17,6 +17,8 @@ every task, generated into DIR/data by the bundled configs. Rows per dataset:
             steps (--fold-steps full, as nnU-Net does: five times the cost) or 1/5 of them (--fold-steps equal: the
             ensemble costs one planned run), evaluated as the average of the five best checkpoints, with the flip
             test where the model trains on mirrored images; --folds 1 leaves the row out.
+  out-of-fold  (fetal-head sets) each fold model scored on its own validation images, pooled: the folds' validation
+            splits partition the non-test images, so the HC bias is estimated on all of them, not the test split alone.
 The flip rows need data.flip_p > 0 in the plan (left/right pairs in the data); without, the +flip row says "n/a".
 Beside each row's figures, its per-image error minus the hand row's on the same test images, with a 95 % bootstrap
 interval over the images (test-set noise only; the run-to-run spread of training is not in it): a row is better than
@@ -48,11 +50,13 @@ HC18_ROOT = ROOT.parent / "shared" / "data" / "hc18"
 DATASETS: dict[str, dict] = {
     "hc18": dict(task="fetal_head", config="hc18_unet", data={"root": str(HC18_ROOT), "synthetic": False},
                  keys=[("seg_dice", "Dice", 4), ("hc_mae_mm", "HC MAE mm", 2), ("hc_bias_mm", "HC bias mm", 2)],
-                 paired=("HC abs err mm", lambda r: abs(r["hc_err_mm"])), real=True),
+                 paired=("HC abs err mm", lambda r: abs(r["hc_err_mm"])), real=True,
+                 signed=("HC error mm", lambda r: r["hc_err_mm"])),
     "fetal_head_synth": dict(task="fetal_head", config="hc18_unet", data={"synthetic": True, "synth_n": 80},
                              keys=[("seg_dice", "Dice", 4), ("hc_mae_mm", "HC MAE mm", 2),
                                    ("hc_bias_mm", "HC bias mm", 2)],
-                             paired=("HC abs err mm", lambda r: abs(r["hc_err_mm"]))),
+                             paired=("HC abs err mm", lambda r: abs(r["hc_err_mm"])),
+                             signed=("HC error mm", lambda r: r["hc_err_mm"])),
     "hip_us": dict(task="hip_us", config="hip_demo", data={},
                    keys=[("seg_miou", "mIoU", 3), ("alpha_mae_deg", "alpha MAE deg", 2),
                          ("landmark_mre_px", "MRE px", 2)],
@@ -86,8 +90,8 @@ PER_IMAGE = {"hand": "hand/run", "planned": "planned/run", "+flip": "planned_fli
 def paired_vs_hand(base: Path, row: str, error, n_boot: int = 5000, seed: int = 0) -> dict | None:
     """The row's per-image error minus the hand row's on the same test images (lower is better): the mean difference
     and its 95 % bootstrap interval over images - test-set noise only, not the run-to-run spread of training."""
-    files = [base / PER_IMAGE["+k-fold" if row.endswith("-fold") else row] / "per_image.jsonl",
-             base / PER_IMAGE["hand"] / "per_image.jsonl"]
+    key = "+k-fold" if row.startswith("+") and row.endswith("-fold") else row
+    files = [base / PER_IMAGE[key] / "per_image.jsonl", base / PER_IMAGE["hand"] / "per_image.jsonl"]
     if row == "hand" or not all(f.is_file() for f in files):
         return None
     a, h = ({(r := json.loads(line))["id"]: error(r) for line in f.read_text().splitlines() if line.strip()}
@@ -95,10 +99,31 @@ def paired_vs_hand(base: Path, row: str, error, n_boot: int = 5000, seed: int = 
     ids = [i for i in sorted(set(a) & set(h)) if math.isfinite(a[i]) and math.isfinite(h[i])]
     if len(ids) < 2:
         return None
-    d = np.array([a[i] - h[i] for i in ids])
+    return mean_ci([a[i] - h[i] for i in ids], n_boot, seed)
+
+
+def mean_ci(values, n_boot: int = 5000, seed: int = 0) -> dict:
+    """{"mean", "ci95": 95 % bootstrap interval of the mean, "n", "sd"} of the values."""
+    d = np.asarray(values, dtype=float)
     boot = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "n": len(ids)}
+    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "n": len(d), "sd": float(d.std(ddof=1))}
+
+
+def pooled_out_of_fold(folder: Path, signed, n_boot: int = 5000, seed: int = 0) -> dict | None:
+    """Every fold_<k>/per_image.jsonl under `folder` (each fold model scored on its own validation images, which it
+    never trained on) pooled: mean_ci of the signed per-image error, its mean absolute value and per-fold means. The
+    k validation splits partition the images outside the test split, so each of them is scored once, by a model that
+    did not see it: a k-times larger sample for a bias than the test split (nnU-Net's cross-validation summary)."""
+    per_fold, values = {}, []
+    for f in sorted(folder.glob("fold_*/per_image.jsonl")):
+        errs = [e for line in f.read_text().splitlines() if line.strip()
+                if math.isfinite(e := float(signed(json.loads(line))))]
+        per_fold[f.parent.name] = {"n": len(errs), "mean": float(np.mean(errs)) if errs else math.nan}
+        values += errs
+    if len(values) < 2:
+        return None
+    return dict(mean_ci(values, n_boot, seed), mean_abs=float(np.mean(np.abs(values))), folds=per_fold)
 
 
 def _run(argv: list[str]) -> float:
@@ -211,7 +236,33 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
                              figures=_figures(d3 / "run" / "ensemble_test" / "report.json", spec["keys"])))
     if res is not None:
         rows.append(res)
+        if spec.get("signed"):
+            rows.append(out_of_fold(base, spec, res))
     return rows
+
+
+def out_of_fold(base: Path, spec: dict, fold_row: dict) -> dict:
+    """The k-fold row's members, each evaluated on its own validation split (`medpose eval --split val`, the
+    checkpoint's own eval settings), pooled by pooled_out_of_fold into the "out-of-fold" row."""
+    d4 = base / "out_of_fold"
+    res = _done(d4)
+    if res is not None:
+        return res
+    folds = json.loads((base / "planned_5fold" / "run" / "folds.json").read_text())["folds"]
+    for k in range(len(folds)):
+        run = base / "planned_5fold" / "run" / f"fold_{k}" / "checkpoints"
+        ckpt = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+        if not (d4 / f"fold_{k}" / "per_image.jsonl").is_file():
+            _run(["eval", "--checkpoint", str(ckpt), "--split", "val", "--out", str(d4 / f"fold_{k}"),
+                  "log.overlays=0"])
+    label, signed = spec["signed"]
+    pooled = pooled_out_of_fold(d4, signed)
+    return _save(d4, dict(row="out-of-fold", wall_s=None, train_min=fold_row.get("train_min"),
+                          figures={k: None for k, _, _ in spec["keys"]}, error=label, pooled=pooled,
+                          note=f"each of the {len(folds)} fold models on its own validation images: {label} "
+                               + (f"mean {pooled['mean']:+.2f} [{pooled['ci95'][0]:+.2f}, {pooled['ci95'][1]:+.2f}], "
+                                  f"SD {pooled['sd']:.2f}, mean abs {pooled['mean_abs']:.2f} (n={pooled['n']})"
+                                  if pooled else "no per-image files")))
 
 
 def _fmt(v, digits: int) -> str:

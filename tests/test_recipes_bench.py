@@ -61,3 +61,26 @@ def test_paired_difference_against_the_hand_row(tmp_path):
     same = recipes.paired_vs_hand(base, "planned", lambda r: 0.0)
     assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
     assert err({"hc_err_mm": -2.5}) == 2.5                                            # absolute HC error
+
+
+def test_out_of_fold_errors_pool_every_fold(tmp_path):
+    """pooled_out_of_fold: every fold's validation images pooled (a non-finite error dropped), the mean, SD and mean
+    absolute value of the signed errors, each fold's own mean, and a bootstrap interval around the mean."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipes
+
+    folds = {"fold_0": [1.0, -2.0, 3.0], "fold_1": [0.5, float("nan"), -0.5], "fold_2": [2.0, 2.0]}
+    for name, errs in folds.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_image.jsonl").write_text(
+            "\n".join(json.dumps({"id": f"{name}_{i}", "hc_err_mm": e}) for i, e in enumerate(errs)) + "\n")
+    got = recipes.pooled_out_of_fold(tmp_path, recipes.DATASETS["hc18"]["signed"][1])
+    values = [1.0, -2.0, 3.0, 0.5, -0.5, 2.0, 2.0]
+    mean = sum(values) / 7
+    assert got["n"] == 7 and abs(got["mean"] - mean) < 1e-12
+    assert abs(got["mean_abs"] - sum(map(abs, values)) / 7) < 1e-12
+    assert abs(got["sd"] - (sum((v - mean) ** 2 for v in values) / 6) ** 0.5) < 1e-12
+    assert got["folds"] == {"fold_0": {"n": 3, "mean": 2 / 3}, "fold_1": {"n": 2, "mean": 0.0},
+                            "fold_2": {"n": 2, "mean": 2.0}}
+    assert got["ci95"][0] < mean < got["ci95"][1] and got["ci95"][1] - got["ci95"][0] < 2 * 1.96 * got["sd"]
+    assert recipes.pooled_out_of_fold(tmp_path / "none", lambda r: r["hc_err_mm"]) is None
