@@ -14,9 +14,10 @@ every task, generated into DIR/data by the bundled configs. Rows per dataset:
             a busy machine the probe times slow steps); trained as planned;
   +flip     the planned row's best checkpoint evaluated with eval.flip_test=true;
   +5-fold   `medpose train --config plan.yaml --folds all` with data.num_folds=5, each fold given all the planned
-            steps (--fold-steps full, as nnU-Net does: five times the cost) or 1/5 of them (--fold-steps equal: the
-            ensemble costs one planned run), evaluated as the average of the five best checkpoints, with the flip
-            test where the model trains on mirrored images; --folds 1 leaves the row out.
+            steps on the plan's validation schedule (--fold-steps full, as nnU-Net does: five times the cost) or 1/5
+            of them (--fold-steps equal: the ensemble costs one planned run), evaluated as the average of the five
+            best checkpoints, with the flip test where the model trains on mirrored images; --folds 1 leaves the
+            row out.
   out-of-fold  (fetal-head sets) each fold model scored on its own validation images, pooled: the folds' validation
             splits partition the non-test images, so the HC bias is estimated on all of them, not the test split alone.
 The flip rows need data.flip_p > 0 in the plan (left/right pairs in the data); without, the +flip row says "n/a".
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch.cli import main  # noqa: E402
+from launch.plan import EVALUATIONS  # noqa: E402
 
 HC18_ROOT = ROOT.parent / "shared" / "data" / "hc18"
 
@@ -225,10 +227,12 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
     res = _done(d3)
     if res is None and args.folds > 1:
         fold_steps = planned_steps if args.fold_steps == "full" else max(planned_steps // args.folds, 2)
+        every = max(fold_steps // EVALUATIONS, 1)      # the plan's schedule (the planner's EVALUATIONS per run)
+        schedule = [] if fold_steps == planned_steps and not args.quick else [
+            f"train.max_steps={fold_steps}", f"train.eval_every={every}", f"train.ckpt_every={every}"]
         wall = _run(["train", "--config", str(plan), "--folds", "all", f"data.num_folds={args.folds}",
-                     f"log.run_dir={d3 / 'run'}", f"train.max_steps={fold_steps}",
-                     f"train.eval_every={max(fold_steps // 2, 1)}", f"train.ckpt_every={max(fold_steps // 2, 1)}",
-                     f"eval.flip_test={str(flips).lower()}", *quick, *common])
+                     f"log.run_dir={d3 / 'run'}", *schedule, f"eval.flip_test={str(flips).lower()}", *quick,
+                     *common])
         folds = json.loads((d3 / "run" / "folds.json").read_text())
         minutes = [float(f.get("train_wall_time_s") or math.nan) / 60.0 for f in folds["folds"]]
         res = _save(d3, dict(row=f"+{args.folds}-fold", wall_s=wall, train_min=float(sum(minutes)),
