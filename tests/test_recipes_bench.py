@@ -65,7 +65,7 @@ def test_paired_difference_against_the_hand_row(tmp_path):
 
 def test_out_of_fold_errors_pool_every_fold(tmp_path):
     """pooled_out_of_fold: every fold's validation images pooled (a non-finite error dropped), the mean, SD and mean
-    absolute value of the signed errors, each fold's own mean, and a bootstrap interval around the mean."""
+    absolute value of the signed errors, each fold's own mean, the median, and bootstrap intervals around both."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import recipes
 
@@ -83,4 +83,6 @@ def test_out_of_fold_errors_pool_every_fold(tmp_path):
     assert got["folds"] == {"fold_0": {"n": 3, "mean": 2 / 3}, "fold_1": {"n": 2, "mean": 0.0},
                             "fold_2": {"n": 2, "mean": 2.0}}
     assert got["ci95"][0] < mean < got["ci95"][1] and got["ci95"][1] - got["ci95"][0] < 2 * 1.96 * got["sd"]
+    assert got["median"] == 1.0 and got["median_ci95"][0] <= 1.0 <= got["median_ci95"][1]
+    assert got["median_ci95"][0] >= -2.0 and got["median_ci95"][1] <= 3.0           # medians of resampled values
     assert recipes.pooled_out_of_fold(tmp_path / "none", lambda r: r["hc_err_mm"]) is None
