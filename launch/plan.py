@@ -51,8 +51,10 @@ Rules (the constants below hold the numbers):
                 and final test report) / time per step; eval_every = ckpt_every =
                 max_steps / EVALUATIONS; warmup <= max_steps / 10.
   also          data.preresize when the median image holds PRERESIZE_FACTOR x the input's pixels or more (and the
-                reader supports it); data.num_workers from the cores; model.args.input_hw and
-                model.criterion_args.normalize_hw follow data.input_hw where the base config sets them.
+                reader supports it); data.num_workers from the cores (on a CPU 0 when the probe's loading is
+                <= INLINE_LOAD_SHARE, 10 %, of the step: a worker restarted every epoch costs more);
+                model.args.input_hw and model.criterion_args.normalize_hw follow data.input_hw where the base config
+                sets them.
 """
 from __future__ import annotations
 
@@ -91,6 +93,9 @@ ROTATION_RANGE = (5.0, 30.0)
 SCALE_LOW, SCALE_HIGH = (0.75, 0.95), (1.05, 1.33)
 PRERESIZE_FACTOR = 4.0
 BUDGET_SHARE = 0.95                             # of --budget-min for training + evaluation (the rest: start-up)
+INLINE_LOAD_SHARE = 0.1                         # CPU: load in-line when a sample loads in <= this share of its step
+#                                                 (spine_demo's plan, 1.5 ms/sample against 59 ms: 20 samples/s with
+#                                                  num_workers=0, 11 with one worker on 2 cores)
 STEP_OVERHEAD = 1.03                            # the loop around the probed step: loader restarts per epoch, logging
 EVALUATIONS = 4                                 # (measured: hc18_unet, 800 steps, 656 s of steps at 0.80 s predicted)
 MIN_STEPS = 200
@@ -582,8 +587,8 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
                                          f"decode once, keep an anti-aliased copy near the input scale")
     cores = hardware["cpu_cores"]
     workers = min(max(cores - 1, 1), 8) if on_gpu else max(1, min(cores // 2, 4))
-    plan("data.num_workers", workers, f"{cores} CPU cores" + (" (GPU: all but one, at most 8)" if on_gpu else
-                                                              " (CPU: half for loading, the rest for the steps)"))
+    workers_why = f"{cores} CPU cores" + (" (GPU: all but one, at most 8)" if on_gpu else
+                                          " (CPU: half for loading, the rest for the steps)")
 
     # ---- batch size, steps (probe)
     cfg = load_config(None, base=raw)
@@ -617,10 +622,19 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
         sec_sample, how = _estimate_throughput(model_name, args, input_hw, hardware)
         load, mem_why = 0.0, ""
 
+    if "data.num_workers" in given:
+        workers = int(cfg.data.num_workers)
+    elif not on_gpu and probe_out is not None and load <= INLINE_LOAD_SHARE * sec_sample:
+        workers = 0
+        workers_why = (f"loading {1000 * load:.1f} ms/sample is {load / sec_sample:.1%} of a sample's step "
+                       f"(<= {INLINE_LOAD_SHARE:.0%}): loaded in the training process; a worker process, restarted "
+                       f"every epoch and sharing the {cores} cores, costs more than it saves on a CPU")
+    plan("data.num_workers", workers, workers_why)
+
     def step_time(b: int) -> float:
         if on_gpu:
             return STEP_OVERHEAD * max(sec_sample * b, load * b / max(workers, 1))
-        return STEP_OVERHEAD * (sec_sample * b + load * b / max(cores, 1))
+        return STEP_OVERHEAD * (sec_sample * b + load * b / max(cores if workers else 1, 1))
 
     eval_s = EVAL_FIXED_S + (EVALUATIONS * splits["val"] + splits["test"]) * (0.5 * sec_sample + load)
     train_s = max(budget_s * BUDGET_SHARE - eval_s, 0.25 * budget_s)

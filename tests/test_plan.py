@@ -292,9 +292,11 @@ def test_a_halved_cpu_batch_is_probed_again(tmp_path, monkeypatch):
     per_step = {8: 4.0, 4: 3.0}                         # seconds: batch 4 costs 1.5x the per-sample time of batch 8
     calls = []
 
+    load = {"s": 0.001}
+
     def fake_probe(cfg, fp, hardware, batch_sizes, steps=2):
         calls.append(list(batch_sizes))
-        return {"load_s_per_sample": 0.0, "device": "cpu", "params": 1,
+        return {"load_s_per_sample": load["s"], "device": "cpu", "params": 1,
                 "steps": {b: {"s_per_step": per_step[b]} for b in batch_sizes}}
 
     monkeypatch.setattr(P, "probe", fake_probe)
@@ -307,6 +309,14 @@ def test_a_halved_cpu_batch_is_probed_again(tmp_path, monkeypatch):
     assert cfg.train.max_steps == P._round_steps(train_s / (P.STEP_OVERHEAD * per_step[4]))
     assert cfg.train.max_steps < P._round_steps(train_s / (P.STEP_OVERHEAD * per_step[8] / 2))   # scaling: more
     assert "re-probed at batch 4: 3.000 s/step" in next(p.reason for p in r["planned"] if p.key == "train.batch_size")
+    # loading 1 ms of a 750-ms sample step: in the training process, no worker restarted every epoch
+    assert cfg.data.num_workers == 0
+    assert "loaded in the training process" in next(p.reason for p in r["planned"] if p.key == "data.num_workers")
+    load["s"] = 0.2                                     # 27 % of the step: a worker process
+    r = P.make_plan(root, "fetal_head", out=tmp_path / "q.yaml", budget_min=10, device="cpu", progress=False,
+                    overrides=["data.num_folds=2"])
+    cores = P.read_hardware("cpu")["cpu_cores"]
+    assert r["config"].data.num_workers == max(1, min(cores // 2, 4))
 
 
 # ------------------------------------------------------------------------------------------------- errors
