@@ -104,12 +104,17 @@ def paired_vs_hand(base: Path, row: str, error, n_boot: int = 5000, seed: int = 
     return mean_ci([a[i] - h[i] for i in ids], n_boot, seed)
 
 
+def _boot_ci95(d: np.ndarray, stat, n_boot: int, seed: int) -> list[float]:
+    """95 % bootstrap interval of stat(resample, axis=1) over n_boot resamples of d."""
+    boot = stat(d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))], axis=1)
+    return [float(x) for x in np.percentile(boot, [2.5, 97.5])]
+
+
 def mean_ci(values, n_boot: int = 5000, seed: int = 0) -> dict:
     """{"mean", "ci95": 95 % bootstrap interval of the mean, "n", "sd"} of the values."""
     d = np.asarray(values, dtype=float)
-    boot = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "n": len(d), "sd": float(d.std(ddof=1))}
+    return {"mean": float(d.mean()), "ci95": _boot_ci95(d, np.mean, n_boot, seed), "n": len(d),
+            "sd": float(d.std(ddof=1))}
 
 
 def pooled_out_of_fold(folder: Path, signed, n_boot: int = 5000, seed: int = 0) -> dict | None:
@@ -127,9 +132,8 @@ def pooled_out_of_fold(folder: Path, signed, n_boot: int = 5000, seed: int = 0) 
     if len(values) < 2:
         return None
     v = np.asarray(values)
-    medians = np.median(v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))], axis=1)
-    return dict(mean_ci(values, n_boot, seed), mean_abs=float(np.mean(np.abs(v))), median=float(np.median(v)),
-                median_ci95=[float(x) for x in np.percentile(medians, [2.5, 97.5])], folds=per_fold)
+    return dict(mean_ci(v, n_boot, seed), mean_abs=float(np.mean(np.abs(v))), median=float(np.median(v)),
+                median_ci95=_boot_ci95(v, np.median, n_boot, seed), folds=per_fold)
 
 
 def _run(argv: list[str]) -> float:
