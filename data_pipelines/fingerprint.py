@@ -22,7 +22,8 @@ What it measures (all medians over images unless said):
                the median;
   masks        every mask is decoded (a progress bar for many images): per class the mean foreground fraction of the
                image (class balance), the images it occurs in, and its median area and equivalent diameter
-               (2 sqrt(area / pi)) in px and mm.
+               (2 sqrt(area / pi)) in px and mm, and the share of those images where the class is one 8-connected
+               region (`single_region_share`: the planner's rule for keeping only the largest predicted region).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from data_pipelines.build import reader_for
 from data_pipelines.errors import DataError
@@ -163,6 +165,9 @@ def _r(value, nd: int = 4):
 
 
 # --------------------------------------------------------------------------------------------------- the fingerprint
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
 def _mask_stats(records: Sequence[Record], info: DataInfo, progress: bool) -> tuple[dict[str, Any], np.ndarray,
                                                                                        np.ndarray]:
     """Per-class figures (module docstring) and per image: sqrt(foreground area) and the foreground's axis."""
@@ -171,6 +176,7 @@ def _mask_stats(records: Sequence[Record], info: DataInfo, progress: bool) -> tu
     c = len(names)
     frac = np.zeros((len(records), c))
     area = np.zeros((len(records), c))
+    regions = np.zeros((len(records), c), dtype=np.int64)       # 8-connected regions per class and image
     fg_size = np.full(len(records), np.nan)
     fg_axis = np.full(len(records), np.nan)
     it = range(len(records))
@@ -186,6 +192,8 @@ def _mask_stats(records: Sequence[Record], info: DataInfo, progress: bool) -> tu
         counts = np.bincount(m.ravel(), minlength=c)[:c].astype(np.float64)
         area[i] = counts
         frac[i] = counts / m.size
+        for k in np.flatnonzero(counts[1:]) + 1:
+            regions[i, k] = ndimage.label(m == k, structure=_EIGHT)[1]
         fg = m > 0
         n_fg = int(fg.sum())
         if n_fg:
@@ -205,7 +213,8 @@ def _mask_stats(records: Sequence[Record], info: DataInfo, progress: bool) -> tu
             "median_area_px": _r(np.median(area[present, k]), 1) if present.any() else None,
             "median_diameter_px": _r(np.median(diam), 2) if present.any() else None,
             "median_diameter_mm": _r(np.nanmedian(diam * sp[present]), 3)
-            if present.any() and np.isfinite(sp[present]).any() else None}
+            if present.any() and np.isfinite(sp[present]).any() else None,
+            "single_region_share": _r(np.mean(regions[present, k] == 1), 4) if present.any() and k else None}
     fg_frac = np.nansum(frac[:, 1:], axis=1)
     stats = {"classes": classes, "foreground_fraction_mean": _r(np.nanmean(fg_frac), 5),
              "background_to_foreground": _r(np.nanmean(frac[:, 0]) / max(np.nanmean(fg_frac), 1e-12), 2),

@@ -20,6 +20,7 @@ from data_pipelines.transforms import warp_image, warp_points
 from models.flip_test import flip_average
 
 from .ensemble import Ensemble
+from .tasks.postprocess import keep_largest_region
 
 
 def to_original_points(kpts_px_K2: np.ndarray, to_input_3x3) -> np.ndarray:
@@ -68,7 +69,9 @@ def predict_batch(model: nn.Module, image_BCHW: torch.Tensor, decode_fn: Callabl
 def sample_prediction(outputs: dict[str, torch.Tensor], preds: dict[str, torch.Tensor], i: int,
                       to_input_3x3, orig_hw: tuple[int, int]) -> dict[str, Any]:
     """Sample i of a decoded batch in its original frame (engine/tasks/base.py): kpts_px_K2 through the inverse
-    matrix, seg logits resampled onto the original grid then arg-maxed, scores and presence passed through."""
+    matrix, seg logits resampled onto the original grid then arg-maxed, scores and presence passed through. A decoder
+    that keeps only the largest region of some classes (engine/tasks/postprocess.py) names them in
+    preds["keep_largest_classes"]; the original-frame mask gets the same post-processing."""
     pred: dict[str, Any] = {"kpts_px_K2": to_original_points(preds["kpts_px_BK2"][i].detach().float().cpu().numpy(),
                                                              to_input_3x3)}
     for key in ("kpt_score_BK", "kpt_present_BK"):
@@ -77,6 +80,8 @@ def sample_prediction(outputs: dict[str, torch.Tensor], preds: dict[str, torch.T
     if outputs.get("seg_logits_BCHW") is not None:
         logits = to_original_logits(outputs["seg_logits_BCHW"][i], to_input_3x3, orig_hw)
         pred["mask_HW"] = logits.argmax(0).cpu().numpy().astype(np.int64)
+        if preds.get("keep_largest_classes"):
+            pred["mask_HW"] = keep_largest_region(pred["mask_HW"], preds["keep_largest_classes"])
     return pred
 
 

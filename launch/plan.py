@@ -37,6 +37,9 @@ Rules (the constants below hold the numbers):
   class weights tasks with masks whose loss takes class_weights: all 1.0 (unweighted). Imbalance is left to the
                 loss's Dice / IoU term (a 'wce' term becomes 'ce'; a Dice term is added to a loss without one):
                 weighted cross-entropy or focal terms push the predicted boundary outward, a systematic size bias.
+  regions       eval.task_args.largest_component (tasks that take it): the classes that are one 8-connected region
+                in >= LCC_MIN_SHARE (98 %) of the dataset's masks holding them (at least LCC_MIN_IMAGES, 10) keep
+                only their largest predicted region (engine/tasks/postprocess.py); true when every class qualifies.
   batch, steps  a short timed probe (`--no-probe`: THROUGHPUT, measured figures of the bundled configs, scaled by
                 input pixels, width and cores): two real training steps of the planned model through the engine's
                 Trainer on this machine after one warm-up step, and the per-sample loading time of the planned
@@ -58,6 +61,7 @@ Rules (the constants below hold the numbers):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -101,6 +105,7 @@ MIN_STEPS = 200
 MIN_CPU_BATCH = 4                               # BatchNorm statistics at batch 2 are noise; never below the base's
 EVAL_FIXED_S = 5.0                              # per run, beside the per-image cost (measured: seg_zoo, 100 steps,
                                                 # 75.5 s of training loop = 71 s of steps + 2 validations)
+LCC_MIN_SHARE, LCC_MIN_IMAGES = 0.98, 10          # one-region classes -> keep the largest predicted region
 AUG_FULL_EPOCHS = 100                           # shorter runs: the base config's ranges cap the data's spread
 GPU_MEMORY_SHARE = 0.6
 GPU_MAX_BATCH = 32
@@ -573,6 +578,16 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
             new = " + ".join(f"{w:g}*{k}" for k, w in terms.items())
             if new.replace(" ", "") != loss.replace(" ", "") and parse_loss_spec(new) != parse_loss_spec(loss):
                 plan("model.criterion_args.loss", new, "unweighted terms with a Dice/IoU term for the imbalance")
+
+    # ---- post-processing: one-region classes keep their largest predicted region
+    if masks and "largest_component" in inspect.signature(type(task_obj).__init__).parameters:
+        fg = list(fp.info.class_names)[1:]
+        one = [n for n in fg if masks["classes"][n]["images_with"] >= LCC_MIN_IMAGES
+               and (masks["classes"][n].get("single_region_share") or 0.0) >= LCC_MIN_SHARE]
+        shares = ", ".join(f"{n} {100 * (masks['classes'][n].get('single_region_share') or 0):.0f} %" for n in fg)
+        plan("eval.task_args.largest_component", True if one == fg else (one or False),
+             f"one 8-connected region in the masks holding the class: {shares} (>= {100 * LCC_MIN_SHARE:.0f} % of "
+             f">= {LCC_MIN_IMAGES} masks: keep only the largest predicted region)")
 
     # ---- loading
     px_in = input_hw[0] * input_hw[1]

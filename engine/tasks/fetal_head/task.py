@@ -16,6 +16,7 @@ import torch
 from data_pipelines.readers.hc18 import HC18_KPT_NAMES
 
 from ..base import Task, figure_formatter, predict_originals, spread_picks
+from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes
 from . import ellipse as ell
 from .metrics import FetalHeadAccumulator
 from .plots import draw_head_overlay, plot_dice_histogram, plot_hc_agreement
@@ -35,10 +36,14 @@ class FetalHeadTask(Task):
     # axis landmarks are the ends of the ellipse fitted to the mask (decoder below)
     landmarks_from_mask = True
 
-    def __init__(self, fit_method: str = "moments", num_overlays: int = 4):
+    def __init__(self, fit_method: str = "moments", num_overlays: int = 4, largest_component: Any = False):
         if fit_method not in ("moments", "conic"):
             raise ValueError(f"{_WHERE}: fit_method must be 'moments' or 'conic', got {fit_method!r}")
         self.fit_method, self.num_overlays = fit_method, int(num_overlays)
+        # the head mask's largest region only (engine/tasks/postprocess.py): the ellipse is fitted to the largest
+        # region anyway, so this changes the Dice and the predicted mask, not HC
+        self.largest_component = parse_largest_component(largest_component)
+        resolve_classes(self.largest_component, ["background", "head"], 2)
 
     def decoder(self, cfg) -> Callable[[dict], dict]:
         """The base decoder for models with a landmark head; for a segmentation-only model the landmarks are the axis
@@ -47,15 +52,19 @@ class FetalHeadTask(Task):
         mask is then a failed measurement, engine/tasks/fetal_head/metrics.py)."""
         base = super().decoder(cfg)
         fit_method = self.fit_method
+        keep = resolve_classes(self.largest_component, ["background", "head"], 2)
 
         def decode(outputs: dict) -> dict:
             if outputs.get("heatmap_BKHW") is not None or outputs.get("kpts_px_BK2") is not None:
-                return base(outputs)
+                out = base(outputs)
+                if out.get("mask_BHW") is not None:
+                    out["mask_BHW"] = keep_largest_regions(out["mask_BHW"], keep)
+                return {**out, "keep_largest_classes": keep}
             logits = outputs.get("seg_logits_BCHW")
             if logits is None:
                 raise KeyError(f"{_WHERE}: the model gives neither landmarks nor seg_logits_BCHW (got "
                                f"{sorted(outputs)})")
-            mask = logits.argmax(dim=1).to(torch.int64)
+            mask = keep_largest_regions(logits.argmax(dim=1).to(torch.int64), keep)
             h, w = mask.shape[-2:]
             kpts, scores = [], []
             for m in mask.cpu().numpy():
@@ -66,7 +75,8 @@ class FetalHeadTask(Task):
                 scores.append(np.full(4, float(found)))
             k = torch.as_tensor(np.stack(kpts), dtype=torch.float32, device=logits.device)
             return {"kpts_px_BK2": k, "kpt_score_BK": torch.as_tensor(np.stack(scores), dtype=torch.float32,
-                                                                      device=logits.device), "mask_BHW": mask}
+                                                                      device=logits.device), "mask_BHW": mask,
+                    "keep_largest_classes": keep}
 
         return decode
 

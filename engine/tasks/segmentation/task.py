@@ -11,6 +11,8 @@ Metrics, from sums that ranks all-reduce (engine/metrics.py):
   * pixel accuracy.
 Figures: per-class Dice / IoU bars and contour overlays (truth solid, prediction dashed) of the worst, median and
 best images by Dice. `medpose predict` writes the overlay and the predicted area per class.
+Post-processing: eval.task_args.largest_component keeps only the largest region of the listed classes
+(engine/tasks/postprocess.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 from engine.plots import plot_per_class_bars
 
 from ..base import Task, figure_formatter, predict_originals, spread_picks
+from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes
 from .metrics import SegAccumulator
 from .plots import draw_contours
 
@@ -38,8 +41,9 @@ class SegmentationTask(Task):
     best_mode = "max"
     shown = ("loss", "dice", "miou", "miou_with_bg")
 
-    def __init__(self, num_overlays: int = 4, hd95: bool = True):
+    def __init__(self, num_overlays: int = 4, hd95: bool = True, largest_component: Any = False):
         self.num_overlays, self.use_hd95 = int(num_overlays), bool(hd95)
+        self.largest_component = parse_largest_component(largest_component)
         self.class_names: list[str] = []
 
     # class names travel in every checkpoint (task state), so `medpose predict` names its columns without the data
@@ -47,6 +51,7 @@ class SegmentationTask(Task):
         names = getattr(train_dataset, "class_names", None)
         if names:
             self.class_names = list(names)
+            resolve_classes(self.largest_component, self.class_names, len(self.class_names))   # fail before training
 
     def state_dict(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names)}
@@ -63,8 +68,10 @@ class SegmentationTask(Task):
             logits = outputs.get("seg_logits_BCHW")
             if logits is None:
                 raise ValueError(f"{_WHERE}: data.task=segmentation needs a model with 'seg_logits_BCHW' outputs")
-            b = logits.shape[0]
-            return {"kpts_px_BK2": logits.new_zeros((b, 0, 2)), "mask_BHW": logits.argmax(1)}
+            b, c = logits.shape[:2]
+            keep = resolve_classes(self.largest_component, self.class_names, c)
+            mask = keep_largest_regions(logits.argmax(1), keep)
+            return {"kpts_px_BK2": logits.new_zeros((b, 0, 2)), "mask_BHW": mask, "keep_largest_classes": keep}
         return decode
 
     def write_figures(self, out_dir: Path, figures: dict[str, float], records: list[dict[str, Any]], cfg,
