@@ -116,3 +116,30 @@ def test_the_planner_keeps_the_largest_region_of_one_region_classes(tmp_path):
                     overrides=["data.num_folds=2", "eval.task_args.largest_component=true"])
     assert r["config"].eval.task_args["largest_component"] is True              # given: never re-planned
     assert "eval.task_args.largest_component" not in {p.key for p in r["planned"]}
+
+
+def test_hip_structures_keep_their_largest_region_and_the_names_travel_in_the_task_state():
+    logits = torch.zeros(1, 8, 40, 40)
+    logits[0, 0] = 1.0
+    logits[0, 3, 5:15, 5:15] = 3.0                                     # labrum: 100 px ...
+    logits[0, 3, 30:33, 30:33] = 3.0                                   # ... and a 9-px island
+    logits[0, 1, 20:26, 2:8] = 3.0                                     # femoral head: two regions, not listed
+    logits[0, 1, 35:37, 20:22] = 3.0
+    outputs = {"seg_logits_BCHW": logits, "kpts_px_BK2": torch.full((1, 6, 2), 10.0)}
+
+    class _Train:
+        class_names = ["background", "femoral_head", "greater_trochanter", "labrum", "cartilage_roof",
+                       "synovial_fold", "perichondrium", "y_cartilage"]
+    task = build_task("hip_us", {"largest_component": ["labrum"]})
+    task.fit(_Train())
+    fresh = build_task("hip_us", {"largest_component": ["labrum"]})
+    fresh.load_state_dict(task.state_dict())
+    cfg = load_config(None, ["data.task=hip_us"])
+    out = fresh.decoder(cfg)(outputs)
+    mask = out["mask_BHW"][0].numpy()
+    assert (mask == 3).sum() == 100 and out["keep_largest_classes"] == [3]
+    assert (mask == 1).sum() == 36 + 4                                 # not listed: both regions stay
+    off = build_task("hip_us").decoder(cfg)(outputs)["mask_BHW"][0].numpy()
+    assert (off == 3).sum() == 109
+    with pytest.raises(ConfigError, match="no class named 'acetabulum'"):
+        build_task("hip_us", {"largest_component": "acetabulum"}).fit(_Train())

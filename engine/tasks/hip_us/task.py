@@ -16,6 +16,7 @@ from data_pipelines.readers.labelme import HIP_CLASS_NAMES
 from engine import plots
 
 from ..base import Task, figure_formatter
+from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes
 from .geometry import graf_angles_deg, graf_type
 from .metrics import MetricAccumulator
 from .plots import plot_angle_agreement, plot_hip_overlay
@@ -40,6 +41,38 @@ class HipUltrasoundTask(Task):
     best_metric = "alpha_mae_deg"
     best_mode = "min"
     shown = ("loss", "seg_miou", "landmark_mre_px", "alpha_mae_deg")
+
+    def __init__(self, largest_component: Any = False):
+        # the structures' largest predicted regions only (engine/tasks/postprocess.py); `medpose plan` sets it for
+        # the structures that are one region in the data's masks
+        self.largest_component = parse_largest_component(largest_component)
+        self.class_names: list[str] = list(HIP_CLASS_NAMES)
+
+    # the class names travel in every checkpoint (task state), so `predict` resolves the option without the data
+    def fit(self, train_dataset) -> None:
+        names = getattr(train_dataset, "class_names", None)
+        if names:
+            self.class_names = list(names)
+        resolve_classes(self.largest_component, self.class_names, len(self.class_names))    # fail before training
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.class_names = list(state.get("class_names") or self.class_names)
+
+    def decoder(self, cfg) -> Callable[[dict], dict]:
+        base = super().decoder(cfg)
+
+        def decode(outputs: dict) -> dict:
+            out = base(outputs)
+            logits = outputs.get("seg_logits_BCHW")
+            if out.get("mask_BHW") is None or logits is None or self.largest_component is None:
+                return out
+            keep = resolve_classes(self.largest_component, self.class_names, int(logits.shape[1]))
+            return {**out, "mask_BHW": keep_largest_regions(out["mask_BHW"], keep), "keep_largest_classes": keep}
+
+        return decode
 
     def accumulator(self, cfg, data: dict[str, Any]) -> _HipAccumulator:
         return _HipAccumulator(num_classes=data["num_classes"], class_names=data["class_names"],
