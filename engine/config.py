@@ -171,7 +171,7 @@ class TrainConfig:
     max_skipped_steps: int = 20
     """With nan_policy=skip, stop after this many consecutive skipped steps."""
     best_metric: str = "auto"
-    """Validation figure that picks best.pt; auto = the task's headline figure (hip_us: alpha_mae_deg)."""
+    """Validation figure that picks best.pt; auto = the task's choice (hip_us: the validation loss, as published)."""
     best_mode: Literal["auto", "min", "max"] = "auto"
     """Whether smaller or larger best_metric is better; auto = the task's choice."""
     deterministic: bool = False

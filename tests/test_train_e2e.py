@@ -65,7 +65,7 @@ def test_tiny_run_learns_and_writes_report(tmp_path, phantom_root):
     assert saved == resolve_targets(prepare(cfg)[0], torch.device("cpu"))
     assert {k: saved.model.args[k] for k in ("num_keypoints", "in_channels", "num_classes")} == \
         {"num_keypoints": 6, "in_channels": 3, "num_classes": 8} and saved.model.criterion_args["num_classes"] == 8
-    assert saved.data.format == "labelme" and saved.train.best_metric == "alpha_mae_deg"
+    assert saved.data.format == "labelme" and saved.train.best_metric == "loss"
     assert saved.data.targets == "loader"              # CPU training: the loader renders the heatmap targets
 
 
