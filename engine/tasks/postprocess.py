@@ -85,3 +85,24 @@ def keep_largest_regions(mask_BHW: torch.Tensor, class_ids: Sequence[int]) -> to
     m = mask_BHW.detach().cpu().numpy()
     return torch.as_tensor(np.stack([keep_largest_region(x, class_ids) for x in m]), dtype=mask_BHW.dtype,
                            device=mask_BHW.device)
+
+
+class ClassNamesState:
+    """Mixin for mask tasks: the class names are learnt from the training split and travel in every checkpoint (task
+    state), so `medpose predict` names its columns and resolves `largest_component` without the data; an unknown
+    class in the option stops before training."""
+    class_names: list[str]
+    largest_component: str | tuple[str | int, ...] | None
+
+    def fit(self, train_dataset) -> None:
+        names = getattr(train_dataset, "class_names", None)
+        if names:
+            self.class_names = list(names)
+        if self.class_names:
+            resolve_classes(self.largest_component, self.class_names, len(self.class_names))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.class_names = list(state.get("class_names") or self.class_names)

@@ -16,7 +16,7 @@ from data_pipelines.readers.labelme import HIP_CLASS_NAMES
 from engine import plots
 
 from ..base import Task, figure_formatter
-from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes
+from ..postprocess import ClassNamesState, keep_largest_regions, parse_largest_component, resolve_classes
 from .geometry import graf_angles_deg, graf_type
 from .metrics import MetricAccumulator
 from .plots import plot_angle_agreement, plot_hip_overlay
@@ -32,7 +32,7 @@ class _HipAccumulator(MetricAccumulator):
                     image_hw_B2=[np.asarray(orig["mask_HW"]).shape[:2]])
 
 
-class HipUltrasoundTask(Task):
+class HipUltrasoundTask(ClassNamesState, Task):
     name = "hip_us"
     default_format = "labelme"
     needs_masks, num_keypoints = True, 6        # 7 structures + the 6 Graf landmarks
@@ -50,19 +50,6 @@ class HipUltrasoundTask(Task):
         # the structures that are one region in the data's masks
         self.largest_component = parse_largest_component(largest_component)
         self.class_names: list[str] = list(HIP_CLASS_NAMES)
-
-    # the class names travel in every checkpoint (task state), so `predict` resolves the option without the data
-    def fit(self, train_dataset) -> None:
-        names = getattr(train_dataset, "class_names", None)
-        if names:
-            self.class_names = list(names)
-        resolve_classes(self.largest_component, self.class_names, len(self.class_names))    # fail before training
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.class_names = list(state.get("class_names") or self.class_names)
 
     def decoder(self, cfg) -> Callable[[dict], dict]:
         base = super().decoder(cfg)

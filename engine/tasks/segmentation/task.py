@@ -25,14 +25,14 @@ import numpy as np
 from engine.plots import plot_per_class_bars
 
 from ..base import Task, figure_formatter, predict_originals, spread_picks
-from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes
+from ..postprocess import ClassNamesState, keep_largest_regions, parse_largest_component, resolve_classes
 from .metrics import SegAccumulator
 from .plots import draw_contours
 
 _WHERE = "engine/tasks/segmentation/task.py"
 
 
-class SegmentationTask(Task):
+class SegmentationTask(ClassNamesState, Task):
     name = "segmentation"
     default_format = "hc18"
     needs_masks, needs_landmarks = True, False
@@ -45,19 +45,6 @@ class SegmentationTask(Task):
         self.num_overlays, self.use_hd95 = int(num_overlays), bool(hd95)
         self.largest_component = parse_largest_component(largest_component)
         self.class_names: list[str] = []
-
-    # class names travel in every checkpoint (task state), so `medpose predict` names its columns without the data
-    def fit(self, train_dataset) -> None:
-        names = getattr(train_dataset, "class_names", None)
-        if names:
-            self.class_names = list(names)
-            resolve_classes(self.largest_component, self.class_names, len(self.class_names))   # fail before training
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.class_names = list(state.get("class_names") or self.class_names)
 
     def accumulator(self, cfg, data: dict[str, Any]) -> SegAccumulator:
         self.class_names = list(data.get("class_names") or self.class_names)
