@@ -10,7 +10,7 @@ best checkpoint, `medpose predict` and the overlays all see the same mask.
     largest_component: false (default) | true ("all": every foreground class) | a class name or index | a list of them
 
 `medpose plan` sets it from the dataset's fingerprint (data_pipelines/fingerprint.py): the classes that are one region
-in at least PLAN_MIN_SHARE of the training masks that hold them (launch/plan.py).
+in at least LCC_MIN_SHARE (98 %) of the dataset's masks that hold them (launch/plan.py).
 """
 from __future__ import annotations
 
@@ -65,16 +65,25 @@ def resolve_classes(spec: str | tuple[str | int, ...] | None, class_names: Seque
     return sorted(set(ids))
 
 
+def largest_region(fg_HW: np.ndarray) -> np.ndarray:
+    """bool mask of the largest 8-connected region of a bool mask (ties: the region met first in raster order;
+    empty when the mask is)."""
+    fg = np.asarray(fg_HW, dtype=bool)
+    labels, n = ndimage.label(fg, structure=_EIGHT)
+    if n <= 1:
+        return fg
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 def keep_largest_region(mask_HW: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
-    """A copy of an integer mask where each listed class keeps only its largest 8-connected region (ties: the region
-    met first in raster order); the other regions of that class become 0."""
+    """A copy of an integer mask where each listed class keeps only its largest 8-connected region; the other
+    regions of that class become 0."""
     out = np.array(mask_HW, copy=True)
     for c in class_ids:
-        labels, n = ndimage.label(out == c, structure=_EIGHT)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            out[(labels > 0) & (labels != int(np.argmax(sizes)))] = 0
+        sel = out == c
+        out[sel & ~largest_region(sel)] = 0
     return out
 
 
@@ -85,6 +94,14 @@ def keep_largest_regions(mask_BHW: torch.Tensor, class_ids: Sequence[int]) -> to
     m = mask_BHW.detach().cpu().numpy()
     return torch.as_tensor(np.stack([keep_largest_region(x, class_ids) for x in m]), dtype=mask_BHW.dtype,
                            device=mask_BHW.device)
+
+
+def with_largest_regions(out: dict[str, Any], class_ids: list[int]) -> dict[str, Any]:
+    """A decoder's output with the listed classes' largest regions kept in its input-frame "mask_BHW" and the
+    classes named in "keep_largest_classes", for the original-frame mask (engine/evaluate.sample_prediction)."""
+    mask = out.get("mask_BHW")
+    return {**out, **({"mask_BHW": keep_largest_regions(mask, class_ids)} if mask is not None else {}),
+            "keep_largest_classes": class_ids}
 
 
 class ClassNamesState:

@@ -26,6 +26,8 @@ from scipy import ndimage
 
 from data_pipelines.readers.hc18 import order_axis_points   # the README's ordering rule, one definition
 
+from ..postprocess import largest_region
+
 MIN_PIXELS = 20   # fewer foreground pixels than this: no ellipse (a few pixels cannot tell a shape)
 
 
@@ -65,13 +67,7 @@ def _normalise_axes(cx: float, cy: float, a: float, b: float, theta_rad: float) 
 
 def largest_component(mask_HW: np.ndarray) -> np.ndarray:
     """bool mask of the largest 8-connected foreground component (empty when the mask is)."""
-    fg = np.asarray(mask_HW) > 0
-    labels, n = ndimage.label(fg, structure=np.ones((3, 3), bool))
-    if n <= 1:
-        return fg
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    return largest_region(np.asarray(mask_HW) > 0)
 
 
 def fit_ellipse_moments(mask_HW: np.ndarray, largest: bool = True) -> Ellipse:

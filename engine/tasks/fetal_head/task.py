@@ -16,7 +16,7 @@ import torch
 from data_pipelines.readers.hc18 import HC18_KPT_NAMES
 
 from ..base import Task, figure_formatter, predict_originals, spread_picks
-from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes
+from ..postprocess import keep_largest_regions, parse_largest_component, resolve_classes, with_largest_regions
 from . import ellipse as ell
 from .metrics import FetalHeadAccumulator
 from .plots import draw_head_overlay, plot_dice_histogram, plot_hc_agreement
@@ -56,10 +56,7 @@ class FetalHeadTask(Task):
 
         def decode(outputs: dict) -> dict:
             if outputs.get("heatmap_BKHW") is not None or outputs.get("kpts_px_BK2") is not None:
-                out = base(outputs)
-                if out.get("mask_BHW") is not None:
-                    out["mask_BHW"] = keep_largest_regions(out["mask_BHW"], keep)
-                return {**out, "keep_largest_classes": keep}
+                return with_largest_regions(base(outputs), keep)
             logits = outputs.get("seg_logits_BCHW")
             if logits is None:
                 raise KeyError(f"{_WHERE}: the model gives neither landmarks nor seg_logits_BCHW (got "

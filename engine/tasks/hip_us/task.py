@@ -16,7 +16,7 @@ from data_pipelines.readers.labelme import HIP_CLASS_NAMES
 from engine import plots
 
 from ..base import Task, figure_formatter
-from ..postprocess import ClassNamesState, keep_largest_regions, parse_largest_component, resolve_classes
+from ..postprocess import ClassNamesState, parse_largest_component, resolve_classes, with_largest_regions
 from .geometry import graf_angles_deg, graf_type
 from .metrics import MetricAccumulator
 from .plots import plot_angle_agreement, plot_hip_overlay
@@ -55,12 +55,11 @@ class HipUltrasoundTask(ClassNamesState, Task):
         base = super().decoder(cfg)
 
         def decode(outputs: dict) -> dict:
-            out = base(outputs)
             logits = outputs.get("seg_logits_BCHW")
-            if out.get("mask_BHW") is None or logits is None or self.largest_component is None:
-                return out
+            if logits is None or self.largest_component is None:
+                return base(outputs)
             keep = resolve_classes(self.largest_component, self.class_names, int(logits.shape[1]))
-            return {**out, "mask_BHW": keep_largest_regions(out["mask_BHW"], keep), "keep_largest_classes": keep}
+            return with_largest_regions(base(outputs), keep)
 
         return decode
 

@@ -25,7 +25,7 @@ import numpy as np
 from engine.plots import plot_per_class_bars
 
 from ..base import Task, figure_formatter, predict_originals, spread_picks
-from ..postprocess import ClassNamesState, keep_largest_regions, parse_largest_component, resolve_classes
+from ..postprocess import ClassNamesState, parse_largest_component, resolve_classes, with_largest_regions
 from .metrics import SegAccumulator
 from .plots import draw_contours
 
@@ -57,8 +57,8 @@ class SegmentationTask(ClassNamesState, Task):
                 raise ValueError(f"{_WHERE}: data.task=segmentation needs a model with 'seg_logits_BCHW' outputs")
             b, c = logits.shape[:2]
             keep = resolve_classes(self.largest_component, self.class_names, c)
-            mask = keep_largest_regions(logits.argmax(1), keep)
-            return {"kpts_px_BK2": logits.new_zeros((b, 0, 2)), "mask_BHW": mask, "keep_largest_classes": keep}
+            return with_largest_regions({"kpts_px_BK2": logits.new_zeros((b, 0, 2)), "mask_BHW": logits.argmax(1)},
+                                        keep)
         return decode
 
     def write_figures(self, out_dir: Path, figures: dict[str, float], records: list[dict[str, Any]], cfg,
