@@ -15,6 +15,13 @@ the networks it cannot export (NEEDS_DYNAMO, NEEDS_DYNAMO_DYNAMIC_BATCH) and any
 and the library backbones). With dynamic_batch the batch dimension is symbolic; otherwise it is fixed at `batch`.
 Networks that cannot be exported to a format are listed in CANNOT_EXPORT with the reason (the README table is
 checked against it by tests/test_export.py).
+
+Ensembles (several checkpoints, or a `train --folds` base folder): the graph holds every member and returns the mean
+of their raw outputs (engine/ensemble.Ensemble, the averaging `eval` / `predict --checkpoint` do), so one file serves
+the k-fold ensemble. The sidecar carries the first member's config, preprocessing and task state (those `predict`
+uses) and lists every member with its sha256. The flip test, which `predict --onnx` applies to the averaged outputs,
+then equals the mean of each member's flip-averaged outputs that `predict --checkpoint` computes: flip averaging
+(mirror, swap the pairs, mean) is linear in the outputs.
 """
 from __future__ import annotations
 
@@ -192,19 +199,23 @@ def _first_line(err: BaseException) -> str:
 
 def export_network(model: nn.Module, path: str | Path, fmt: str, input_chw: Sequence[int],
                    output_names: Sequence[str] | None = None, dynamic_batch: bool = False, batch: int = 1,
-                   exporter: str = "auto", model_name: str = "model") -> dict[str, Any]:
+                   exporter: str = "auto", model_name: str = "model",
+                   member_names: Sequence[str] = ()) -> dict[str, Any]:
     """Write `model` (eval mode, CPU, fp32) as `fmt` to `path`; returns {"output_names", "exporter", "batch"
     (None when dynamic)}. exporter (ONNX only): auto = the TorchScript-based exporter, the dynamo one for NEEDS_DYNAMO
-    networks and as a fallback; legacy / dynamo force one."""
+    networks and as a fallback; legacy / dynamo force one. member_names: an ensemble's networks (model_name then
+    only labels messages): one that cannot be exported stops it, one that needs the dynamo exporter routes it."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})")
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown ONNX exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
     if batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
-    reason = cannot_export_reason(model_name, fmt)
-    if reason is not None:
-        raise ExportError(f"{model_name} cannot be exported to {fmt}: {reason}")
+    networks = list(member_names) or [model_name]
+    for name in dict.fromkeys(networks):
+        reason = cannot_export_reason(name, fmt)
+        if reason is not None:
+            raise ExportError(f"{name} cannot be exported to {fmt}: {reason}")
     model = model.float().cpu().eval()
     names = list(output_names or decode_output_names(model, input_chw, model_name))
     wrapper = DecodeOutputs(model, names).eval()
@@ -225,7 +236,8 @@ def export_network(model: nn.Module, path: str | Path, fmt: str, input_chw: Sequ
         else:
             require("onnx")
             order = {"legacy": ["legacy"], "dynamo": ["dynamo"],
-                     "auto": ["dynamo"] if needs_dynamo(model_name, dynamic_batch) else ["legacy", "dynamo"]}[exporter]
+                     "auto": ["dynamo"] if any(needs_dynamo(n, dynamic_batch) for n in networks)
+                     else ["legacy", "dynamo"]}[exporter]
             errors = []
             for kind in order:
                 try:
@@ -362,35 +374,55 @@ def build_sidecar(cfg, state: dict[str, Any], task_state: dict[str, Any], checkp
         "versions": {"medpose": _version("medpose"), "torch": str(torch.__version__), "onnx": _version("onnx"),
                      "onnxruntime": _version("onnxruntime"), "onnxscript": _version("onnxscript")},
         "checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint)},
+        "ensemble": None,
     }
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", dynamic_batch: bool = False,
-                      batch: int = 1, exporter: str = "auto", verify: bool = True) -> dict[str, Any]:
+def export_checkpoint(checkpoint: str | Path | Sequence[str | Path], out: str | Path, fmt: str = "onnx",
+                      dynamic_batch: bool = False, batch: int = 1, exporter: str = "auto",
+                      verify: bool = True) -> dict[str, Any]:
     """Export a checkpoint's network to `out` and write the sidecar beside it; returns the sidecar dict (with
-    "verified": the eager-vs-export figures when verify)."""
+    "verified": the eager-vs-export figures when verify). `checkpoint`: a file, a run directory, or several / a
+    `train --folds` base folder (engine/ensemble.resolve_checkpoints): more than one exports their ensemble as one
+    graph (module docstring)."""
     from engine.checkpoint import load_checkpoint_file
+    from engine.ensemble import load_ensemble, resolve_checkpoints
     from engine.run import load_for_inference
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint file not found")
+    paths = resolve_checkpoints(checkpoint)
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file not found")
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})")
-    model, cfg, _, state = load_for_inference(checkpoint, torch.device("cpu"))
-    reason = cannot_export_reason(cfg.model.name, fmt)
-    if reason is not None:
-        raise ExportError(f"{cfg.model.name} cannot be exported to {fmt}: {reason}")
-    task_state = load_checkpoint_file(checkpoint).get("client", {}).get("task") or {}
+    clients = [load_checkpoint_file(p).get("client", {}) for p in paths]
+    names = [str(((c.get("config") or {}).get("model") or {}).get("name", "model")) for c in clients]
+    for name in dict.fromkeys(names):      # before loading the networks: a refusal costs nothing
+        reason = cannot_export_reason(name, fmt)
+        if reason is not None:
+            raise ExportError(f"{name} cannot be exported to {fmt}: {reason}")
+    if len(paths) == 1:
+        model, cfg, _, state = load_for_inference(paths[0], torch.device("cpu"))
+        label = cfg.model.name
+    else:
+        model, cfg, _, state = load_ensemble(paths, torch.device("cpu"))
+        label = f"ensemble of {len(paths)} ({', '.join(dict.fromkeys(names))})"
+        log.info("export: %s: %s", label, ", ".join(map(str, paths)))
+    task_state = clients[0].get("task") or {}
     pre = state["preprocess"]
     input_chw = (int(pre.channels), *[int(n) for n in pre.input_hw])
     out = Path(out)
     exported = export_network(model, out, fmt, input_chw, dynamic_batch=dynamic_batch, batch=batch,
-                              exporter=exporter, model_name=cfg.model.name)
-    sidecar = build_sidecar(cfg, state, _plain_json(task_state), checkpoint, out, fmt, exported,
+                              exporter=exporter, model_name=label, member_names=names if len(paths) > 1 else ())
+    sidecar = build_sidecar(cfg, state, _plain_json(task_state), paths[0], out, fmt, exported,
                             bool(getattr(cfg.eval, "flip_test", False)))
+    if len(paths) > 1:
+        sidecar["ensemble"] = {
+            "members": [{"file": str(p), "sha256": sha256_file(p), "model": n} for p, n in zip(paths, names)],
+            "combine": "the graph returns the mean of the members' raw outputs (logits, heatmaps, points); the "
+                       "config, preprocessing and task state here are the first member's ('checkpoint')"}
     if verify:
         batches = (1, 2) if dynamic_batch else (batch,)
-        tol = tolerance(cfg.model.name)
+        tol = max(tolerance(n) for n in names)
         try:
             figures = verify_export(model, exported["output_names"], out, fmt, input_chw, batches, tol)
         except BaseException:

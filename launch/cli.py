@@ -166,9 +166,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "and OUT.json beside it (input size, channels, normalisation, resize rule, "
                                    "landmark names, flip pairs, spacing rule, task, output names, versions, the "
                                    "checkpoint's sha256). The export is checked against PyTorch (fp32, 1e-4). "
-                                   "`medpose predict --onnx OUT` reproduces `predict --checkpoint`.")
-    xp.add_argument("--checkpoint", required=True, action=_Checkpoints, help="checkpoint file (.pt); one only "
-                                                                             "(an ensemble cannot be exported)")
+                                   "`medpose predict --onnx OUT` reproduces `predict --checkpoint`, ensembles "
+                                   "included: several checkpoints (or a `train --folds` base folder) export as one "
+                                   "graph that averages the members' outputs.")
+    xp.add_argument("--checkpoint", required=True, action=_Checkpoints,
+                    help="checkpoint file (.pt) or run directory; repeat it, or name a `train --folds` base folder, "
+                         "to export the ensemble as one graph (the mean of the members' raw outputs)")
     xp.add_argument("--format", dest="export_format", default="onnx", metavar="FORMAT",
                     help="onnx (default) or torchscript")
     xp.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt)")
@@ -353,16 +356,15 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from engine.export import ExportError, export_checkpoint
+    from engine.export import export_checkpoint
     given = list(getattr(args, "checkpoints", None) or [args.checkpoint])
-    if len(given) > 1 or Path(args.checkpoint).is_dir():
-        raise ExportError(f"--checkpoint {' --checkpoint '.join(map(str, given))}: export takes one checkpoint "
-                          f"file; an ensemble (repeated --checkpoint, or a folder of fold runs) is not one network: "
-                          f"export each member, or evaluate / predict the ensemble with `medpose eval / predict`")
-    side = export_checkpoint(args.checkpoint, args.out, args.export_format, dynamic_batch=args.dynamic_batch,
-                             batch=args.batch, exporter=args.exporter, verify=not args.no_verify)
+    side = export_checkpoint(given if len(given) > 1 else args.checkpoint, args.out, args.export_format,
+                             dynamic_batch=args.dynamic_batch, batch=args.batch, exporter=args.exporter,
+                             verify=not args.no_verify)
     m = side["model"]
-    print(f"wrote {args.out} ({m['name']}, {m['format']} via {m['exporter']}, outputs {', '.join(m['output_names'])}, "
+    members = (side.get("ensemble") or {}).get("members") or []
+    what = f"ensemble of {len(members)}: {', '.join(x['model'] for x in members)}" if members else m["name"]
+    print(f"wrote {args.out} ({what}, {m['format']} via {m['exporter']}, outputs {', '.join(m['output_names'])}, "
           f"batch {m['batch'] or 'dynamic'}) and {args.out}.json")
     if "verified" in side:
         worst = max(v for b in side["verified"].values() if isinstance(b, dict)

@@ -330,13 +330,87 @@ def test_outputs_that_differ_are_named():
         average_outputs([a, {"heatmap_BKHW": torch.zeros(1, 3, 2, 2)}], ["a.pt", "b.pt"])
 
 
-def test_export_refuses_an_ensemble(folds_run, tmp_path, capsys):
+def test_an_exported_ensemble_is_the_mean_of_its_members_and_predicts_as_predict_does(folds_run, hc18_root,
+                                                                                        tmp_path, capsys):
+    """`export --checkpoint BASE` (a folds folder) writes one ONNX graph averaging both folds: its outputs are the
+    mean of the members' (not either member's), the sidecar lists both with their sha256, and `predict --onnx` gives
+    the rows of `predict --checkpoint BASE`."""
+    pytest.importorskip("onnxruntime")
+    from engine import export as ex
     base, _ = folds_run
     p0, p1 = _members(base)
-    assert main(["export", "--checkpoint", str(p0), "--checkpoint", str(p1), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "export takes one checkpoint" in capsys.readouterr().err
+    model_file = tmp_path / "cv.onnx"
+    assert main(["export", "--checkpoint", str(base), "--dynamic-batch", "--out", str(model_file)]) == 0
+    assert "(ensemble of 2: simple_unet, simple_unet, onnx" in capsys.readouterr().out
+    side = json.loads((tmp_path / "cv.onnx.json").read_text())
+    assert [m["file"] for m in side["ensemble"]["members"]] == [str(p0), str(p1)]
+    assert [m["sha256"] for m in side["ensemble"]["members"]] == [ex.sha256_file(p0), ex.sha256_file(p1)]
+    assert side["checkpoint"]["sha256"] == ex.sha256_file(p0)
+    # the graph's logits are the members' mean, far from either member alone
+    (m0, _, _, state), (m1, *_) = (load_for_inference(p) for p in (p0, p1))
+    x = _batch(state["preprocess"].channels, (64, 96), n=2, seed=7)
+    with torch.no_grad():
+        l0, l1 = (m(x)["seg_logits_BCHW"].numpy() for m in (m0, m1))
+    got = ex.load_exported(model_file)(x.numpy())["seg_logits_BCHW"]
+    mean = (l0 + l1) / 2
+    assert abs(got - mean).max() < 1e-4 * (1 + abs(mean).max())
+    assert abs(l0 - l1).max() > 100 * abs(got - mean).max()
+    # predict --onnx == predict --checkpoint BASE
+    images = sorted((hc18_root / "images").glob("*.png"))[:3]
+    for name, src in (("ref", ["--checkpoint", str(base)]), ("onnx", ["--onnx", str(model_file)])):
+        assert main(["predict", *src, *map(str, images), "--out", str(tmp_path / name), "--overlays", "0"]) == 0
+    rows = {}
+    for name in ("ref", "onnx"):
+        with open(tmp_path / name / "predictions.csv", newline="") as fh:
+            rows[name] = list(csv.DictReader(fh))
+    assert len(rows["ref"]) == 3 and [r["input"] for r in rows["onnx"]] == [r["input"] for r in rows["ref"]]
+    for got_row, want_row in zip(rows["onnx"], rows["ref"]):
+        for key, value in want_row.items():
+            if key not in ("input", "overlay") and value not in ("", None):
+                assert abs(float(got_row[key]) - float(value)) <= 0.011 * max(1.0, abs(float(value)) / 100), key
+
+
+def _predict_rows(tmp_path: Path, name: str, src: list[str], images) -> list[dict]:
+    assert main(["predict", *src, *map(str, images), "--out", str(tmp_path / name), "--overlays", "0"]) == 0
+    with open(tmp_path / name / "predictions.csv", newline="") as fh:
+        return [{k: v for k, v in r.items() if k != "overlay"} for r in csv.DictReader(fh)]
+
+
+def test_an_exported_ensemble_with_the_flip_test_predicts_as_the_checkpoints_do(folds_run, hc18_root, tmp_path):
+    """Members whose config asks for the flip test: predict --onnx (flip test on the graph's mean) gives the rows of
+    predict --checkpoint (each member flip-averaged, then averaged), and they differ from the rows without it."""
+    pytest.importorskip("onnxruntime")
+    from engine.checkpoint import load_checkpoint_file
+    base, _ = folds_run
+    flipped = []
+    for k, src in enumerate(_members(base)):
+        ckpt = load_checkpoint_file(src)
+        ckpt["client"]["config"]["data"]["flip_p"] = 0.5
+        ckpt["client"]["config"]["eval"]["flip_test"] = True
+        torch.save(ckpt, tmp_path / f"flip_{k}.pt")
+        flipped.append(str(tmp_path / f"flip_{k}.pt"))
+    assert main(["export", *[a for f in flipped for a in ("--checkpoint", f)], "--out", str(tmp_path / "f.onnx"),
+                 "--batch", "2"]) == 0
+    assert json.loads((tmp_path / "f.onnx.json").read_text())["decode"]["flip_test"] is True
+    images = sorted((hc18_root / "images").glob("*.png"))[:3]
+    want = _predict_rows(tmp_path, "ref", [a for f in flipped for a in ("--checkpoint", f)], images)
+    got = _predict_rows(tmp_path, "onnx", ["--onnx", str(tmp_path / "f.onnx")], images)
+    plain = _predict_rows(tmp_path, "plain", ["--checkpoint", str(base)], images)
+    assert [r["input"] for r in got] == [r["input"] for r in want] and len(want) == 3
+    numeric = [k for k in want[0] if k != "input" and want[0][k] not in ("", None)]
+    for g, w in zip(got, want):
+        for key in numeric:
+            assert abs(float(g[key]) - float(w[key])) <= 0.011 * max(1.0, abs(float(w[key])) / 100), key
+    assert any(abs(float(p[k]) - float(w[k])) > 0.5 for p, w in zip(plain, want) for k in numeric)
+
+
+def test_export_of_an_ensemble_stops_on_a_member_that_cannot_be_exported(folds_run, tmp_path, capsys, monkeypatch):
+    from engine import export as ex
+    base, _ = folds_run
+    monkeypatch.setitem(ex.CANNOT_EXPORT, "simple_unet", {"onnx": "a reason in one line"})
     assert main(["export", "--checkpoint", str(base), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "export takes one checkpoint" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == ("medpose export: error: simple_unet cannot be exported to onnx: "
+                                               "a reason in one line")
     assert not (tmp_path / "m.onnx").exists()
 
 
