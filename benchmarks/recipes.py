@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch.cli import main  # noqa: E402
-from launch.plan import EVALUATIONS  # noqa: E402
+from launch.plan import eval_interval  # noqa: E402
 
 HC18_ROOT = ROOT.parent / "shared" / "data" / "hc18"
 
@@ -235,7 +235,7 @@ def run_dataset(name: str, spec: dict, out: Path, args) -> list[dict]:
     res = _done(d3)
     if res is None and args.folds > 1:
         fold_steps = planned_steps if args.fold_steps == "full" else max(planned_steps // args.folds, 2)
-        every = max(fold_steps // EVALUATIONS, 1)      # the plan's schedule (the planner's EVALUATIONS per run)
+        every = eval_interval(fold_steps)              # the plan's schedule (the planner's EVALUATIONS per run)
         schedule = [] if fold_steps == planned_steps and not args.quick else [
             f"train.max_steps={fold_steps}", f"train.eval_every={every}", f"train.ckpt_every={every}"]
         wall = _run(["train", "--config", str(plan), "--folds", "all", f"data.num_folds={args.folds}",

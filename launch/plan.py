@@ -51,7 +51,7 @@ Rules (the constants below hold the numbers):
                 step = STEP_OVERHEAD (1.03) x (the probed step + the loading of its samples: in-line, or spread over
                 the cores by CPU workers, or overlapped by the workers on a GPU); max_steps = (BUDGET_SHARE (0.95)
                 x --budget-min - the estimated evaluations and final test report) / time per step; eval_every =
-                ckpt_every = max_steps / EVALUATIONS; warmup <= max_steps / 10.
+                ckpt_every = max_steps / EVALUATIONS rounded up; warmup <= max_steps / 10.
   also          data.preresize when the median image holds PRERESIZE_FACTOR x the input's pixels or more (and the
                 reader supports it); data.num_workers from the cores (on a CPU 0 when the probe's loading is
                 <= INLINE_LOAD_SHARE, 10 %, of the step: a worker restarted every epoch costs more);
@@ -233,6 +233,13 @@ def _round_steps(n: float) -> int:
     n = int(n)
     step = 100 if n >= 2000 else 50 if n >= 500 else 10 if n >= 100 else 1
     return max(10, n // step * step)
+
+
+def eval_interval(steps: int) -> int:
+    """train.eval_every for EVALUATIONS validations in `steps`: steps / EVALUATIONS rounded up (to tens from 100), so
+    the last is the trainer's own at the final step, not one a few steps before it."""
+    every = max(1, -(-int(steps) // EVALUATIONS))
+    return -(-every // 10) * 10 if every >= 100 else every
 
 
 def _pow2_floor(n: float) -> int:
@@ -676,9 +683,9 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
                                    f"steps, {epochs:.1f} epochs of {n_train}")
     if epochs < AUG_FULL_EPOCHS:
         _cap_augmentation(planned, raw, base_aug, epochs)
-    every = max(1, steps // EVALUATIONS)
-    every = every // 10 * 10 if every >= 100 else every
-    plan("train.eval_every", every, f"max_steps / {EVALUATIONS}: {EVALUATIONS} validations of {splits['val']} images")
+    every = eval_interval(steps)
+    plan("train.eval_every", every, f"max_steps / {EVALUATIONS}, rounded up: {EVALUATIONS} validations of "
+                                    f"{splits['val']} images, the last at the final step")
     plan("train.ckpt_every", every, "with every validation")
     warm = current("optim.warmup_steps", 0) or 0
     if warm > steps // 10:

@@ -180,8 +180,11 @@ def test_heatmap_plan_follows_the_rules_loads_and_trains(tmp_path, capsys):
     assert Path(cfg.data.root) == root.resolve()
     lo, hi = cfg.data.scale_range
     assert 0.75 <= lo <= 0.95 and 1.05 <= hi <= 1.33 and 5 <= cfg.data.rotation_deg <= 30
-    every = max(1, cfg.train.max_steps // 4)
-    assert cfg.train.eval_every == cfg.train.ckpt_every == (every // 10 * 10 if every >= 100 else every)
+    every, steps = cfg.train.eval_every, cfg.train.max_steps
+    assert every == cfg.train.ckpt_every and (every < 100 or every % 10 == 0)
+    # 4 validations: the periodic ones, then the trainer's at the last step (none a few steps before it)
+    assert len(set(range(every, steps + 1, every)) | {steps}) == 4
+    assert steps % every == 0 or steps % every >= every // 4
     raw = out.read_text()
     assert re.search(r"^  sigma_px: [\d.]+  # median nearest-landmark distance", raw, re.M)
     assert re.search(r"^  input_hw: \[96, 160\]  # median image 120x160", raw, re.M)
@@ -388,3 +391,13 @@ def test_a_short_cpu_budget_keeps_the_base_input_size(tmp_path):
         why = next(p.reason for p in r["planned"] if p.key == "data.input_hw")
         assert ("the base config's 128x192 pixels" in why) == (budget == 1.3), why
     assert got[30] == (160, 224) and got[1.3][0] * got[1.3][1] <= 128 * 192 < 160 * 224
+
+
+def test_eval_interval_puts_the_fourth_validation_at_the_final_step():
+    """steps / 4 rounded up (to tens from 100): the trainer's final validation is the fourth, never a fifth one a
+    few steps after the last periodic one (270 steps at 67 gave 67, 134, 201, 268 and 270)."""
+    from launch.plan import eval_interval
+    assert [eval_interval(s) for s in (10, 270, 1150, 1800, 2345)] == [3, 68, 290, 450, 590]
+    for steps in (10, 37, 270, 999, 1150, 1800, 2345):
+        every = eval_interval(steps)
+        assert len(set(range(every, steps + 1, every)) | {steps}) == 4, steps
