@@ -523,8 +523,8 @@ def make_plan(root: str | Path, task: str, fmt: str | None = None, out: str | Pa
              f"{SIGMA_FRACTION} x that, clamped to [{SIGMA_RANGE[0]}, {SIGMA_RANGE[1]}] -> {sigma} px{mm} "
              f"(closest 10 %: {np.percentile(nn_in, 10):.1f} input px)")
     elif fp.info.num_keypoints and getattr(task_obj, "needs_landmarks", True):
-        planned.append(Planned("data.sigma_px", "(base)", f"the loss {crit_name} takes no heatmap sigma (coordinate "
-                                                          f"regression)"))
+        planned.append(Planned("data.sigma_px", "(base)", f"the loss {crit_name} takes no heatmap sigma (its landmarks "
+                                                          f"are regressed, or fitted to the predicted mask)"))
 
     # ---- augmentation
     base_aug = {"data.rotation_deg": float(current("data.rotation_deg", cfg.data.rotation_deg)),
