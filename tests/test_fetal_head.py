@@ -242,3 +242,34 @@ def test_fit_accepts_a_segmentation_model_for_the_fetal_head_only():
     cfg = load_config(None, ["data.task=landmarks", "model.name=unet_pp", "model.args={num_classes: 2, base: 16}"])
     with pytest.raises(ConfigError, match="predicts no landmarks"):
         check_fit(cfg, get_task("landmarks"), info)
+
+
+def test_gpu_hc18_check_script_trains_scores_and_summarises(tmp_path):
+    """benchmarks/gpu_checks_hc18.sh (the GPU recipe's one-call measurement), shrunk to a few CPU steps on a synthetic
+    HC18-layout set: it trains, scores the test split with and without the flip test, and its summary table carries
+    the eval reports' own figures; no checkpoint lands in OUT."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    generate_hc18_dataset(tmp_path / "hc18", 16, seed=3, image_hw=(90, 120))
+    out = tmp_path / "out"
+    env = {**os.environ, "HC18": str(tmp_path / "hc18"), "OUT": str(out), "RUN": str(tmp_path / "run"),
+           "PY": sys.executable, "STEPS": "2", "OMP_NUM_THREADS": "1",
+           "ARGS": "train.batch_size=2 data.input_hw=[64,96] model.args.base=4 data.num_workers=0 "
+                   "train.eval_every=2 train.ckpt_every=2 optim.warmup_steps=1 data.num_folds=4"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_checks_hc18.sh"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train exit 0" in (out / "stages.log").read_text()
+    summary = (out / "summary.md").read_text()
+    for flip in ("false", "true"):
+        figures = json.loads((out / f"eval_flip_{flip}" / "report.json").read_text())["figures"]
+        row = re.search(rf"^\| GPU, flip_test={flip} \| ([\d.]+) \| ([\d.]+) \|", summary, re.M)
+        assert row and float(row.group(1)) == pytest.approx(figures["seg_dice"], abs=5e-5)
+        assert float(row.group(2)) == pytest.approx(figures["hc_mae_mm"], abs=0.005)
+    assert "trained to step 2" in summary
+    assert not list(out.rglob("*.pt"))
