@@ -177,8 +177,10 @@ def ensure_data(data_cfg, strategy, reader, opts) -> Path:
     return root
 
 
-def build_data(data_cfg, run_dir: Path, strategy, seed: int, split: str = "runs") -> dict[str, Any]:
-    """The reader contract (module docstring). split: "runs" (train / val / test) or "all"."""
+def build_data(data_cfg, run_dir: Path, strategy, seed: int, split: str = "runs",
+               split_seed: int | None = None) -> dict[str, Any]:
+    """The reader contract (module docstring). split: "runs" (train / val / test) or "all". seed: the augmentation
+    draws, and the split unless split_seed is given (data.split_seed)."""
     reader, opts = reader_for(data_cfg)
     root = ensure_data(data_cfg, strategy, reader, opts)
     result = reader.read(root, opts, data_cfg, data_cfg.skip_bad)
@@ -200,7 +202,8 @@ def build_data(data_cfg, run_dir: Path, strategy, seed: int, split: str = "runs"
         out["splits"] = {"all": [r.id for r in records], "source": "all"}
         log.info("data (%s): %d samples, all scored, %d skipped", data_cfg.format, len(full), len(skipped))
         return out
-    splits = make_splits(records, data_cfg, seed, result.split_source, str(result.where),
+    splits = make_splits(records, data_cfg, seed if split_seed is None else int(split_seed), result.split_source,
+                         str(result.where),
                          reader.oversample(opts, data_cfg))
     record_splits(run_dir, strategy, splits, skipped)
     augment = augment_params(data_cfg, flip_pairs=info.flip_pairs, **reader.augment_overrides)

@@ -57,6 +57,9 @@ class DataConfig:
     """mm per original pixel (x, y); None reads dataset.json beside the files."""
     test_frac: float = 0.2
     """Fraction of each class held out as the fixed test set."""
+    split_seed: int | None = None
+    """Seed of the test / fold split (patient-grouped, stratified); None = train.seed. Set it to compare training
+    seeds (train.seed) on one test split: with None a new train.seed also draws a new test split."""
     num_folds: int = 5
     """Stratified, patient-grouped folds over the remaining data."""
     fold: int = 0

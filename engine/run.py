@@ -118,7 +118,8 @@ def build_data(cfg: Config, run_dir: Path, strategy, split: str = "runs", expect
         raise ConfigError(f"data.loader=dali: the '{cfg.data.format}' reader has no DALI path (those that have: "
                           f"{', '.join(DALI_FORMATS)}); use data.loader=torch or auto")
     try:
-        data = build_reader_data(cfg.data, run_dir, strategy, seed=cfg.train.seed, split=split)
+        data = build_reader_data(cfg.data, run_dir, strategy, seed=cfg.train.seed, split=split,
+                                 split_seed=cfg.data.split_seed)
     except OptionError as e:
         raise ConfigError(str(e)) from None
     if expect is not None:

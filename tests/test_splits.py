@@ -84,3 +84,26 @@ def test_write_and_read_splits_roundtrip(tmp_path):
     splits = {"seed": 967, "test": ["1_1"], "folds": [{"train": ["2_1"], "val": ["3_1"]}]}
     path = write_splits(tmp_path / "runs" / "splits.json", splits)
     assert read_splits(path) == splits and not (tmp_path / "runs" / "splits.json.tmp").exists()
+
+
+def test_split_seed_fixes_the_split_across_training_seeds(tmp_path):
+    """data.split_seed draws the test / fold split; train.seed alone (split_seed None) draws both, as before."""
+    from pathlib import Path
+    from data_pipelines.synthetic.hc18 import generate_hc18_dataset
+    from engine.config import load_config
+    from engine.run import build_data, make_strategy
+    from launch.cli import CONFIG_DIR
+    root = tmp_path / "hc18"
+    generate_hc18_dataset(root, 40, seed=4, image_hw=(90, 120))
+
+    def split(*overrides):
+        cfg = load_config(CONFIG_DIR / "hc18_unet.yaml", ["data.synthetic=false", f"data.root={root}", *overrides])
+        out = Path(tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        s = build_data(cfg, out, make_strategy(cfg))["splits"]
+        return s["test"], s["val"], s["seed"]
+    t1, v1, s1 = split("train.seed=1", "data.split_seed=7")
+    t2, v2, s2 = split("train.seed=2", "data.split_seed=7")
+    assert (t1, v1, s1) == (t2, v2, 7) and len(t1) >= 6
+    a, _, sa = split("train.seed=1")
+    b, _, sb = split("train.seed=2")
+    assert (sa, sb) == (1, 2) and a != b                 # without split_seed the training seed moves the split
