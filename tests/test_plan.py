@@ -267,7 +267,7 @@ def test_fetal_head_and_xray_plans(tmp_path):
     cfg = _check_plan(r)
     assert cfg.model.args["input_hw"] == list(cfg.data.input_hw) == cfg.model.criterion_args["normalize_hw"]
     sigma = next(p for p in r["planned"] if p.key == "data.sigma_px")
-    assert cfg.data.flip_p == 0.5 and sigma.value == "(base)" and "regression" in sigma.reason   # no heatmaps
+    assert cfg.data.flip_p == 0.5 and sigma.value == "(base)" and "regressed" in sigma.reason   # no heatmaps
 
 
 # ------------------------------------------------------------------------------------------------ the probe
