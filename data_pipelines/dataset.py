@@ -146,6 +146,8 @@ class LandmarkDataset(Dataset):
     that stops decoding during the run (counted in `skipped`); here files were validated by the reader up front.
     """
 
+    epoch_in_index = True   # an index may be (i, epoch): a loader that spans epochs (data_pipelines/loaders.py)
+
     def __init__(self, records: Sequence[Record], info: DataInfo, pre: Preprocess,
                  augment: AugmentParams | None = None, sigma_px: float = 2.0, heatmap_peak: float = 255.0,
                  heatmap_impl: str = "numba", heatmaps: bool = True, seed: int = 0, cache_decoded: bool = False,

@@ -5,12 +5,12 @@ epochs and mid-epoch resume are the same. `auto` (resolve_loader) means dali on 
 a reader that has a DALI source, else torch."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipelines.batch import Batch, collate_samples
-from data_pipelines.sampler import ShardedSampler
+from data_pipelines.sampler import EpochSpan, ShardedSampler
 
 LOADER_KINDS = ("torch", "dali")
 
@@ -70,3 +70,42 @@ def make_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, kin
         loader.sampler = sampler
         return loader
     raise ValueError(f"data.loader: unknown loader '{kind}' (choose from {LOADER_KINDS})")
+
+
+def training_batches(dataset: Dataset, batch_size: int, sampler: ShardedSampler, epoch: int, start: int,
+                     kind: str = "torch", num_workers: int = 0, spanning: bool | None = None,
+                     **loader_args) -> Iterator[tuple[int, Batch]]:
+    """(epoch, batch) of this rank's training batches from `start` samples into `epoch` on, without end.
+
+    With the torch loader over a dataset that reads the epoch from its index (`epoch_in_index`, LandmarkDataset), one
+    DataLoader spans every epoch (EpochSpan): its workers start once and keep prefetching across epoch boundaries.
+    Otherwise (DALI, other datasets, or spanning=False) a loader is made per epoch over the sampler set to it, as
+    the engine did before: every worker restarts at each epoch. Both give the same batches in the same order (the
+    augmentations are drawn from (seed, epoch, index)). `sampler` is left at the last epoch begun."""
+    if spanning is None:
+        spanning = kind == "torch" and bool(getattr(dataset, "epoch_in_index", False))
+    if spanning:
+        loader = make_batches(dataset, batch_size, EpochSpan(sampler, epoch, start), kind, num_workers, **loader_args)
+        sampler.set_epoch(epoch)
+        sampler.set_start(start)
+        left = sampler.batches_per_epoch()
+        for batch in loader:
+            while left == 0:            # the previous epoch is used up: this batch opens the next one
+                epoch += 1
+                sampler.set_epoch(epoch)
+                sampler.set_start(0)
+                left = sampler.batches_per_epoch()
+            left -= 1
+            yield epoch, batch
+        return
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.set_start(start)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader = make_batches(dataset, batch_size, sampler, kind, num_workers, **loader_args)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch, start = epoch + 1, 0

@@ -82,3 +82,28 @@ class ShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.shard_size()
+
+
+class EpochSpan(Sampler[tuple[int, int]]):
+    """`(index, epoch)` pairs of consecutive training epochs, from `start` of `epoch` on, without end: each epoch is
+    the ShardedSampler's shard for that epoch (whole batches), so one DataLoader runs across epoch boundaries and
+    keeps its workers and their prefetched batches (a new loader per epoch restarts every worker; with a small
+    dataset and many workers that start-up dominated training). The dataset reads the epoch from the pair
+    (LandmarkDataset: index_and_epoch), so workers made once draw each epoch's augmentations."""
+
+    def __init__(self, base: ShardedSampler, epoch: int, start: int = 0):
+        if not base.drop_last:
+            raise ValueError("EpochSpan: epochs follow one another only in whole batches (a drop_last sampler)")
+        self.base, self.epoch, self.start = base, int(epoch), int(start)
+        self.drop_last = True
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        b = self.base
+        s = ShardedSampler(b.num_samples, b.rank, b.world_size, b.shuffle, b.seed, True, b.batch_size)
+        epoch, start = self.epoch, self.start
+        while True:
+            s.set_epoch(epoch)
+            s.set_start(start)
+            for i in s.shard():
+                yield i, epoch
+            epoch, start = epoch + 1, 0

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from data_pipelines.batch import Batch
-from data_pipelines.loaders import make_batches
+from data_pipelines.loaders import training_batches
 from data_pipelines.sampler import ShardedSampler
 
 from .checkpoint import (capture_rng, checkpoint_path, find_latest, prune_checkpoints, restore_rng,
@@ -115,22 +115,22 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _micro_batches(self) -> Iterator[Batch]:
         tc, dc = self.cfg.train, self.cfg.data
-        while True:
-            self.sampler.set_epoch(self.pos.epoch)
-            self.sampler.set_start(self.pos.start)
-            if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(self.pos.epoch)
-            loader = make_batches(self.train_set, tc.batch_size, self.sampler, dc.loader, dc.num_workers,
-                                  pin_memory=self.info.device.type == "cuda", worker_init_fn=_seed_worker,
-                                  device_id=self.info.device.index if self.info.device.type == "cuda" else None,
-                                  num_threads=dc.dali_threads or None)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(self.pos.epoch)
-            for batch in loader:
+        # One loader across epochs where the dataset allows it (data_pipelines/loaders.training_batches): its workers
+        # start once instead of at every epoch, which on a small dataset with many workers was most of the time.
+        batches = training_batches(self.train_set, tc.batch_size, self.sampler, self.pos.epoch, self.pos.start,
+                                   dc.loader, dc.num_workers, pin_memory=self.info.device.type == "cuda",
+                                   worker_init_fn=_seed_worker,
+                                   device_id=self.info.device.index if self.info.device.type == "cuda" else None,
+                                   num_threads=dc.dali_threads or None)
+        try:
+            for epoch, batch in batches:
+                if epoch != self.pos.epoch:
+                    self.pos = DataPosition(epoch, 0, 0)
                 self.pos.consumed += 1
                 trace_samples(self.run_dir, self.info.rank, self.step, self.pos.epoch, batch.meta)
                 yield batch
-            self.pos = DataPosition(self.pos.epoch + 1, 0, 0)
+        finally:
+            batches.close()     # ends the loader's workers now, not when the generator is collected
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict[str, Any]:
@@ -408,12 +408,14 @@ class Trainer:
                 if eval_due:
                     last_val = self._evaluate(logger)
                 inject_fault(self.step, self.info.rank, self.run_dir)
+            batches.close()                     # the training loader's workers end before the last evaluation
             if not (self._eval_due(self.step) or self._ckpt_due(self.step)):
                 self.flush()
                 self.save()
             if self.evaluate_fn is not None and not self._eval_due(self.step):
                 last_val = self._evaluate(logger)
         finally:
+            batches.close()
             logger.close()
         return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,
                 "last_val": last_val, "skipped_steps": self.skipped_total, "loss_scale_skips": self.scale_skips_total}
