@@ -12,7 +12,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_hc18}; mkdir -p "$OUT"
 HC18=${HC18:-../shared/data/hc18}
 RUN=${RUN:-/tmp/hc18_gpu_run}
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 t0=$(date +%s); stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/stages.log"; }
 [ -f "$HC18/annotations.csv" ] || { echo "no HC18 subset at $HC18 (annotations.csv, images/, masks/)"; exit 2; }
