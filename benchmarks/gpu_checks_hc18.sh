@@ -4,7 +4,8 @@
 # and without the flip test. Stages have their own time limits; a training stopped at its limit keeps its last
 # checkpoint (every 500 steps), which the eval stages score. Checkpoints stay out of $OUT (only text and figures
 # come back); $OUT/summary.md holds the figures beside the CPU recipe's.
-# Usage (repo root, GPU machine; HC18 copied into a git-ignored folder carried with the call, e.g. .hc18/):
+# Usage (repo root, GPU machine; HC18 copied into a git-ignored folder carried with the call, e.g. .hc18/, and the
+# packages the machine lacks carried as .pyextra/: bash benchmarks/gpu_carry_packages.sh here first):
 #   HC18=.hc18 OUT=dir bash benchmarks/gpu_checks_hc18.sh
 #   env: TRAIN_S (training limit, default 420 s), EVAL_S (each eval, default 90 s), STEPS (default: the config's),
 #        ARGS (more KEY=VALUE overrides), RUN (the run directory, default /tmp/hc18_gpu_run)
@@ -13,6 +14,8 @@ OUT=${OUT:-/tmp/gpu_hc18}; mkdir -p "$OUT"
 HC18=${HC18:-../shared/data/hc18}
 RUN=${RUN:-/tmp/hc18_gpu_run}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# packages the GPU image lacks, carried as .pyextra (benchmarks/gpu_carry_packages.sh)
+[ -d "$PWD/.pyextra" ] && export PYTHONPATH=$PYTHONPATH:$PWD/.pyextra
 PY=${PY:-python3}
 t0=$(date +%s); stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/stages.log"; }
 [ -f "$HC18/annotations.csv" ] || { echo "no HC18 subset at $HC18 (annotations.csv, images/, masks/)"; exit 2; }

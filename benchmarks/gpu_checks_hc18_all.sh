@@ -6,7 +6,8 @@
 # The trainings share the card and the CPU cores, so their wall times are not throughput figures; the accuracy
 # figures are. Everything that comes back is text: $OUT/summary_gpu.md, $OUT/summary_seeds.md, $OUT/all.tgz (logs,
 # configs, reports, per-image rows, metrics; no checkpoints).
-# Usage (repo root; HC18 subset copied into a git-ignored folder carried with the call):
+# Usage (repo root; HC18 subset copied into a git-ignored folder carried with the call, and .pyextra from
+# benchmarks/gpu_carry_packages.sh):
 #   HC18=.hc18 OUT=dir bash benchmarks/gpu_checks_hc18_all.sh
 #   env: LIMIT_S (the whole thing, default 480), SEEDS (default "0 1 2"), PARALLEL (default 6),
 #        VARIANTS (newline-separated NAME=OVERRIDES, default: base= and wide_aug=...), SEED_SET (more --set
@@ -18,7 +19,8 @@ PY=${PY:-python3}
 LIMIT_S=${LIMIT_S:-480}
 WORK=${WORK:-/tmp/hc18_all}
 rm -rf "$WORK"; mkdir -p "$WORK"
-export PYTHONUNBUFFERED=1 NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg
+export PYTHONUNBUFFERED=1 NUMBA_THREADING_LAYER=workqueue MPLBACKEND=Agg PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ -d "$PWD/.pyextra" ] && export PYTHONPATH=$PYTHONPATH:$PWD/.pyextra   # benchmarks/gpu_carry_packages.sh
 VARIANTS=${VARIANTS:-"base=
 wide_aug=data.scale_range=[0.75,1.23] data.rotation_deg=30"}
 t0=$(date +%s)

@@ -106,6 +106,14 @@ def cannot_export_reason(model_name: str, fmt: str) -> str | None:
     return CANNOT_EXPORT.get(model_name, {}).get(fmt)
 
 
+def refuse_unexportable(model_names: Sequence[str], fmt: str) -> None:
+    """ExportError naming the first of these networks (an ensemble's members) that cannot be exported to fmt."""
+    for name in dict.fromkeys(model_names):
+        reason = cannot_export_reason(name, fmt)
+        if reason is not None:
+            raise ExportError(f"{name} cannot be exported to {fmt}: {reason}")
+
+
 def sidecar_path(model_path: str | Path) -> Path:
     """Where the sidecar of an exported file lives: beside it, `<file name>.json` (model.onnx -> model.onnx.json)."""
     model_path = Path(model_path)
@@ -212,10 +220,7 @@ def export_network(model: nn.Module, path: str | Path, fmt: str, input_chw: Sequ
     if batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
     networks = list(member_names) or [model_name]
-    for name in dict.fromkeys(networks):
-        reason = cannot_export_reason(name, fmt)
-        if reason is not None:
-            raise ExportError(f"{name} cannot be exported to {fmt}: {reason}")
+    refuse_unexportable(networks, fmt)
     model = model.float().cpu().eval()
     names = list(output_names or decode_output_names(model, input_chw, model_name))
     wrapper = DecodeOutputs(model, names).eval()
@@ -396,10 +401,7 @@ def export_checkpoint(checkpoint: str | Path | Sequence[str | Path], out: str | 
         raise ExportError(f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})")
     clients = [load_checkpoint_file(p).get("client", {}) for p in paths]
     names = [str(((c.get("config") or {}).get("model") or {}).get("name", "model")) for c in clients]
-    for name in dict.fromkeys(names):      # before loading the networks: a refusal costs nothing
-        reason = cannot_export_reason(name, fmt)
-        if reason is not None:
-            raise ExportError(f"{name} cannot be exported to {fmt}: {reason}")
+    refuse_unexportable(names, fmt)        # before the networks are built: a refusal costs only the file reads
     if len(paths) == 1:
         model, cfg, _, state = load_for_inference(paths[0], torch.device("cpu"))
         label = cfg.model.name
