@@ -2,14 +2,14 @@
 # Issue 18's GPU work in one call, two jobs side by side on one GPU machine:
 #   1. benchmarks/gpu_checks_hc18.sh: train hc18_unet_gpu.yaml, score the test split with and without the flip test;
 #   2. benchmarks/seed_study.py at lower CPU priority: the CPU recipe hc18_unet.yaml (fp32, as on a CPU) over training
-#      seeds SEEDS for each variant in VARIANTS, all on the test split of data.split_seed=0 (the CPU study's split).
+#      seeds SEED_LIST for each variant in VARIANTS, all on the test split of data.split_seed=0 (the CPU study's split).
 # The trainings share the card and the CPU cores, so their wall times are not throughput figures; the accuracy
 # figures are. Everything that comes back is text: $OUT/summary_gpu.md, $OUT/summary_seeds.md, $OUT/all.tgz (logs,
 # configs, reports, per-image rows, metrics; no checkpoints).
 # Usage (repo root; HC18 subset copied into a git-ignored folder carried with the call, and .pyextra from
 # benchmarks/gpu_carry_packages.sh):
 #   HC18=.hc18 OUT=dir bash benchmarks/gpu_checks_hc18_all.sh
-#   env: LIMIT_S (the whole thing, default 480), SEEDS (default "0 1 2"), PARALLEL (default 6),
+#   env: LIMIT_S (the whole thing, default 480), SEED_LIST (default "0 1 2"), PARALLEL (default 6),
 #        VARIANTS (newline-separated NAME=OVERRIDES, default: base= and wide_aug=...), SEED_SET (more --set
 #        KEY=VALUE, space-separated), GPU_ARGS (overrides for job 1), TRAIN_S / EVAL_S (job 1's stage limits)
 set -u
@@ -34,7 +34,7 @@ vargs=(); while IFS= read -r v; do [ -n "$v" ] && vargs+=(--variant "$v"); done 
 sargs=(); for s in ${SEED_SET:-}; do sargs+=(--set "$s"); done
 # shellcheck disable=SC2086
 OMP_NUM_THREADS=1 nice -n 10 timeout "$LIMIT_S" $PY benchmarks/seed_study.py --config hc18_unet \
-  --seeds ${SEEDS:-0 1 2} --split-seed 0 --out "$WORK/seeds" --parallel "${PARALLEL:-6}" \
+  --seeds ${SEED_LIST:-0 1 2} --split-seed 0 --out "$WORK/seeds" --parallel "${PARALLEL:-6}" \
   --limit-s $(( LIMIT_S - 20 )) --set "data.root=$HC18" --set train.precision=fp32 "${sargs[@]}" "${vargs[@]}" \
   --title "hc18_unet (the CPU recipe, fp32) on a GPU, beside hc18_unet_gpu" > "$WORK/seeds.log" 2>&1
 echo "seed study exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$WORK/seeds.log"

@@ -41,12 +41,14 @@ def _sets(rng: np.random.Generator, count: int, n: int = 20, max_false: int = 14
 
 @pytest.fixture(scope="module")
 def trained():
-    """A width/8 classifier trained for 120 steps of 32 synthetic sets; (model, held-out accuracy, majority)."""
+    """A width/8 classifier trained for 300 steps of 32 synthetic sets; (model, held-out accuracy, majority).
+    At 120 steps the recovery below ranged 0.87-0.94 over training seeds 0-3 (and its 0.9 bar failed on one CPU
+    model at seed 0); at 300 steps 0.94-0.97, with 6-8 % false candidates kept."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     net = build_look_once(20, attention=True, width_div=8)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(120):
+    for _ in range(300):
         p, m, lab = _sets(rng, 32)
         loss = masked_nll(net(p, m)["log_probs_BN2"], lab, m)
         opt.zero_grad()
