@@ -20,7 +20,8 @@ format, samples/s of "decode + augment + heatmap targets" for a batch of `--batc
                                T from --threads (default: --workers, 0 read as 1). Skipped, with the reason printed,
                                without nvidia.dali (both) or without CUDA (gpu).
 One warm-up epoch, then `--epochs` whole epochs are timed (a fresh DataLoader iterator per epoch, as the trainer
-does: worker start-up is part of an epoch). On CUDA every batch is moved with batch.to("cuda", non_blocking=True)
+did until 2026-12-04: worker start-up is part of an epoch; the trainer now keeps one loader across epochs, so the
+torch rows are a lower bound for it - benchmarks/loader_epochs.py measures the difference). On CUDA every batch is moved with batch.to("cuda", non_blocking=True)
 (the torch rows ask for pin_memory=True; the `pinned` field says whether the batch arrived pinned) and the clock
 stops after torch.cuda.synchronize(). samples/s = samples / seconds. The `x torch-pil-w2` column divides by the
 torch-pil-w2 row of the same size and format. `1st batch s` is the mean time to an epoch's first batch (DataLoader
