@@ -26,6 +26,7 @@ from data_pipelines.dataset import LandmarkDataset, subset_by_ids
 from data_pipelines.errors import DataError, OptionError
 from data_pipelines.readers import READERS
 from data_pipelines.records import SPLIT_NAMES, DataInfo, Record
+from data_pipelines.size_balance import balance_by_size
 from data_pipelines.synthetic import SYNTHESIZERS
 from data_pipelines.splits import holdout_split, oversample, read_splits, stratified_group_kfold, write_splits
 from data_pipelines.transforms import AugmentParams
@@ -205,6 +206,11 @@ def build_data(data_cfg, run_dir: Path, strategy, seed: int, split: str = "runs"
     splits = make_splits(records, data_cfg, seed if split_seed is None else int(split_seed), result.split_source,
                          str(result.where),
                          reader.oversample(opts, data_cfg))
+    power = float(getattr(data_cfg, "size_balance", 0.0) or 0.0)
+    if power > 0:
+        splits["train_oversampled"] = balance_by_size(splits["train_oversampled"], {r.id: r for r in records}, power,
+                                                      int(getattr(data_cfg, "size_balance_max", 4)),
+                                                      str(result.where))
     record_splits(run_dir, strategy, splits, skipped)
     augment = augment_params(data_cfg, flip_pairs=info.flip_pairs, **reader.augment_overrides)
     out.update(train=subset_by_ids(full, splits["train_oversampled"], augment),

@@ -66,6 +66,13 @@ class DataConfig:
     """Which fold is validation."""
     oversample_type2: int = 2
     """Type II hips are repeated this many times in the training set (published: 2)."""
+    size_balance: float = 0.0
+    """Repeat training samples of rare object size (landmark spread, or mask polygon area; in mm where the spacing is
+    known): 8 log-size bins over the training set, a sample repeated round(min(size_balance_max, (n_common / n_bin) **
+    size_balance)) times. 0 = off, 1 = bins evened out up to the cap, 0.5 = square-root rule. The repeat counts
+    are logged and recorded in splits.json (data_pipelines/size_balance.py)."""
+    size_balance_max: int = 4
+    """Most repeats of one sample under data.size_balance."""
     augment: bool = True
     """Keypoint-consistent geometric + intensity augmentation on the training set."""
     rotation_deg: float = 10.0
@@ -102,6 +109,11 @@ class DataConfig:
             raise ConfigError(f"data.fold: {self.fold} must lie in [0, data.num_folds={self.num_folds})")
         if not 0.0 < self.test_frac < 1.0:
             raise ConfigError(f"data.test_frac: {self.test_frac} must lie in (0, 1)")
+        if not float(self.size_balance) >= 0.0:
+            raise ConfigError(f"data.size_balance: {self.size_balance} must be >= 0 (0 = off)")
+        if isinstance(self.size_balance_max, bool) or int(self.size_balance_max) != self.size_balance_max \
+                or self.size_balance_max < 1:
+            raise ConfigError(f"data.size_balance_max: {self.size_balance_max} must be an integer >= 1")
 
 
 @dataclass
