@@ -152,15 +152,90 @@ def boundary_pixels(mask_HW: np.ndarray) -> np.ndarray:
     return np.stack([xs, ys], 1).astype(np.float64)
 
 
+def edge_points(mask_HW: np.ndarray) -> np.ndarray:
+    """(N, 2) (x, y) sub-pixel edge points of a filled mask: the midpoint between each foreground pixel centre and
+    each 4-neighbour centre that is background (or outside the image). A pixel is foreground when its centre lies
+    inside the shape, so the true edge lies between the two centres, uniformly over the shape's sub-pixel poses:
+    the midpoint is unbiased where the boundary pixels' centres are ~0.5 px inside (fit_ellipse_conic on
+    boundary_pixels)."""
+    fg = np.pad(np.asarray(mask_HW) > 0, 1)
+    pts = []
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        nb = np.roll(fg, (-dy, -dx), axis=(0, 1))          # nb[y, x] = fg[y + dy, x + dx]
+        ys, xs = np.nonzero(fg & ~nb)
+        pts.append(np.stack([xs - 1 + 0.5 * dx, ys - 1 + 0.5 * dy], 1))
+    return np.concatenate(pts).astype(np.float64)
+
+
+def radial_residuals(points_N2: np.ndarray, e: Ellipse) -> np.ndarray:
+    """Signed distance (px) from the ellipse to each point along the ray from the ellipse's centre: |p| (1 - 1/r)
+    with r = sqrt((u/a)^2 + (v/b)^2) in the ellipse's axes; > 0 outside. Close to the geometric distance for the
+    mild eccentricities of heads, and cheap."""
+    t = math.radians(e.angle_deg)
+    dx, dy = points_N2[:, 0] - e.cx, points_N2[:, 1] - e.cy
+    u, v = dx * math.cos(t) + dy * math.sin(t), -dx * math.sin(t) + dy * math.cos(t)
+    r = np.sqrt((u / e.a) ** 2 + (v / e.b) ** 2)
+    return np.hypot(dx, dy) * (1.0 - 1.0 / np.maximum(r, 1e-12))
+
+
+ROBUST_MIN_TOL_PX = 2.0     # edge points within this distance of the current fit always count as the head's
+ROBUST_K = 3.0              # ... and those within K robust SDs (1.4826 MAD of the residuals)
+ROBUST_MIN_INLIERS = 0.5    # fewer edge points than this share within ROBUST_AGREE_REL: not one ellipse -> moments
+ROBUST_AGREE_REL = 0.05     # ... of the fitted ellipse's mean radius sqrt(a b)
+
+
+def fit_ellipse_robust(mask_HW: np.ndarray, max_iter: int = 20) -> Ellipse:
+    """Ellipse of the largest component that ignores where the mask leaks into the tissue around the head (or
+    misses part of it): a direct conic fit to the sub-pixel edge points (edge_points), refitted to the points within
+    max(ROBUST_MIN_TOL_PX, ROBUST_K x 1.4826 MAD) of the previous fit until the inlier set stops changing. On a
+    clean elliptic mask every edge point is an inlier and the fit is the plain edge fit (unbiased, |HC error| <
+    0.1 % from 40 px semi-axes; tests/test_fetal_head.py); a leak covering a minority of the outline is dropped
+    instead of stretching the ellipse, as the second-moment fit does. Falls back to the moment fit when the conic is
+    not an ellipse or fewer than ROBUST_MIN_INLIERS of the edge points lie within ROBUST_AGREE_REL x sqrt(a b) of
+    the final fit (no single ellipse dominates the outline)."""
+    fg = largest_component(mask_HW)
+    if fg.sum() < MIN_PIXELS:
+        return NAN_ELLIPSE
+    pts = edge_points(fg)
+    e = fit_ellipse_conic(pts)
+    if not e.is_finite:
+        return fit_ellipse_moments(fg, largest=False)
+    keep = np.ones(len(pts), dtype=bool)
+    for _ in range(max_iter):
+        d = radial_residuals(pts, e)
+        med = float(np.median(d[keep]))
+        tol = max(ROBUST_MIN_TOL_PX, ROBUST_K * 1.4826 * float(np.median(np.abs(d[keep] - med))))
+        new = np.abs(d) <= tol
+        if new.sum() < 6:
+            return fit_ellipse_moments(fg, largest=False)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+        e_new = fit_ellipse_conic(pts[keep])
+        if not e_new.is_finite:
+            return fit_ellipse_moments(fg, largest=False)
+        e = e_new
+    # one ellipse must explain most of the outline to within ROBUST_AGREE_REL of its mean radius (a loose, adaptive
+    # tolerance alone would accept any shape): predicted HC18 heads 70-100 % of the edge, a dumbbell 11 %
+    near = np.abs(radial_residuals(pts, e)) <= max(ROBUST_MIN_TOL_PX, ROBUST_AGREE_REL * math.sqrt(e.a * e.b))
+    return e if near.mean() >= ROBUST_MIN_INLIERS else fit_ellipse_moments(fg, largest=False)
+
+
+FIT_METHODS = ("moments", "conic", "robust")
+
+
 def fit_ellipse_mask(mask_HW: np.ndarray, method: str = "moments") -> Ellipse:
-    """Ellipse of the largest component of a filled mask: "moments" (default, unbiased on filled masks) or
-    "conic" (Halir-Flusser on the boundary pixels; ~0.5 px small on filled masks, see module docstring)."""
+    """Ellipse of the largest component of a filled mask: "moments" (default, unbiased on filled masks),
+    "conic" (Halir-Flusser on the boundary pixels; ~0.5 px small on filled masks, see module docstring) or
+    "robust" (edge fit that drops the outline's outliers: leaks into the surrounding tissue; fit_ellipse_robust)."""
     if method == "moments":
         return fit_ellipse_moments(mask_HW)
     if method == "conic":
         fg = largest_component(mask_HW)
         return fit_ellipse_conic(boundary_pixels(fg)) if fg.sum() >= MIN_PIXELS else NAN_ELLIPSE
-    raise ValueError(f"engine/tasks/fetal_head/ellipse.py: method must be 'moments' or 'conic', got {method!r}")
+    if method == "robust":
+        return fit_ellipse_robust(mask_HW)
+    raise ValueError(f"engine/tasks/fetal_head/ellipse.py: method must be one of {FIT_METHODS}, got {method!r}")
 
 
 def axis_endpoints(cx: float, cy: float, a: float, b: float, angle_deg: float) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Per image, in the original frame (engine/tasks/base.py):
 - seg_dice: foreground (head) Dice 2|P & T| / (|P| + |T|), skipped where both are empty;
-- HC from the mask: the predicted mask's ellipse (engine/tasks/fetal_head/ellipse.py, second-moment fit of the largest component)
+- HC from the mask: the predicted mask's ellipse (engine/tasks/fetal_head/ellipse.py: the largest component's
+  second-moment fit, or eval.task_args.fit_method conic / robust)
   -> Ramanujan perimeter x pixel size, against the reference orig["hc_mm"] (HC18's official value; the truth mask's
   fitted HC when a reader gives none). Error = predicted - reference (signed: bias; absolute: MAE);
 - HC from the landmarks: the ellipse spanned by the predicted axis ends, a = |ofd1 - ofd2| / 2, b = |bpd1 - bpd2| / 2;

@@ -37,8 +37,10 @@ class FetalHeadTask(Task):
     landmarks_from_mask = True
 
     def __init__(self, fit_method: str = "moments", num_overlays: int = 4, largest_component: Any = False):
-        if fit_method not in ("moments", "conic"):
-            raise ValueError(f"{_WHERE}: fit_method must be 'moments' or 'conic', got {fit_method!r}")
+        if fit_method not in ell.FIT_METHODS:
+            from engine.config import ConfigError      # engine.config imports the task registry
+            raise ConfigError(f"eval.task_args.fit_method: expected one of {', '.join(ell.FIT_METHODS)}, got "
+                              f"{fit_method!r} ({_WHERE})")
         self.fit_method, self.num_overlays = fit_method, int(num_overlays)
         # the head mask's largest region only (engine/tasks/postprocess.py): the ellipse is fitted to the largest
         # region anyway, so this changes the Dice and the predicted mask, not HC
