@@ -70,8 +70,8 @@ def load_exported_predictor(path: str | Path):
 @torch.no_grad()
 def predict_files_exported(model_path: str | Path, inputs: list[str | Path], out_dir: Path, batch_size: int = 8,
                            overlays: int | None = None, skip_bad: bool = False,
-                           progress: bool = False) -> list[dict[str, Any]]:
+                           progress: bool = False, spacing_mm=None) -> list[dict[str, Any]]:
     """`predict_files` with an exported network (ONNX or TorchScript) in place of the checkpoint; same rows."""
     network, cfg, task, state = load_exported_predictor(model_path)
     return predict_with(network, cfg, task, state, inputs, out_dir, torch.device("cpu"), batch_size, overlays,
-                        skip_bad, progress)
+                        skip_bad, progress, spacing_mm)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from data_pipelines.build import reader_for
 from data_pipelines.errors import DataError
 from data_pipelines.predict_input import expand_inputs, load_for_predict
 
-from .config import check_flip_test
+from .config import ConfigError, check_flip_test
 from .evaluate import predict_batch, sample_prediction
 from .report import _finite_or_none
 
@@ -44,14 +46,17 @@ def _progress(items, enabled: bool, total: int):
 @torch.no_grad()
 def predict_files(checkpoint: str | Path | list[str | Path], inputs: list[str | Path], out_dir: Path,
                   device: torch.device | None = None, batch_size: int = 8, overlays: int | None = None,
-                  skip_bad: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+                  skip_bad: bool = False, progress: bool = False,
+                  spacing_mm: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Predict every input (files, folders, globs); returns the rows also written to predictions.csv / .json.
     overlays: how many overlay PNGs to draw (None: one per input; 0: none). skip_bad: an input that does not read
     is logged and listed in predictions.json's "skipped" instead of stopping the run. `checkpoint`: a file, or a
     list of checkpoints / a folder of fold_<k> runs: more than one predicts with their ensemble (engine/ensemble.py:
     raw outputs averaged per batch, each member's flip test first; the first checkpoint's config, reader and
-    preprocessing)."""
+    preprocessing). spacing_mm: mm per pixel (x, y; one value: both) of the inputs that carry none of their own
+    (with_spacing)."""
     from .run import load_for_inference    # here, not at import: `predict --onnx` never loads the training stack
+    spacing_pair(spacing_mm)                  # a wrong --spacing-mm stops before any checkpoint is read
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     from .ensemble import load_ensemble, resolve_checkpoints
     paths = resolve_checkpoints(checkpoint)           # a file is itself; a list or a folds folder may be several
@@ -59,19 +64,43 @@ def predict_files(checkpoint: str | Path | list[str | Path], inputs: list[str | 
         log.info("predict: ensemble of %d checkpoints: %s", len(paths), ", ".join(map(str, paths)))
         model, cfg, task, state = load_ensemble(paths, device)
         return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad,
-                            progress)
+                            progress, spacing_mm)
     checkpoint = paths[0]
     model, cfg, task, state = load_for_inference(checkpoint, device)
-    return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad, progress)
+    return predict_with(model, cfg, task, state, inputs, out_dir, device, batch_size, overlays, skip_bad, progress,
+                        spacing_mm)
+
+
+def with_spacing(cfg, spacing_mm: Sequence[float] | None):
+    """cfg with data.spacing_mm = spacing_mm ((x, y) mm per original pixel; one value for both): the spacing of the
+    inputs that carry none (a plain image; an annotation that gives one keeps its own, as in training). None: cfg
+    unchanged (the run's data.spacing_mm, else a dataset.json beside the images, else unknown). Checked here, so a
+    wrong value stops before any model runs."""
+    pair = spacing_pair(spacing_mm)
+    return cfg if pair is None else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spacing_mm=pair))
+
+
+def spacing_pair(spacing_mm: Sequence[float] | None) -> tuple[float, float] | None:
+    """--spacing-mm as (x, y) mm per pixel (one value: both); ConfigError for anything but 1-2 positive numbers."""
+    if spacing_mm is None:
+        return None
+    v = [float(x) for x in spacing_mm]
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or not all(math.isfinite(x) and x > 0 for x in v):
+        raise ConfigError(f"--spacing-mm: expected one or two positive numbers (mm per pixel, x then y), got "
+                          f"{[float(x) for x in spacing_mm]}")
+    return v[0], v[1]
 
 
 @torch.no_grad()
 def predict_with(model, cfg, task, state: dict[str, Any], inputs: list[str | Path], out_dir: Path,
                  device: torch.device, batch_size: int = 8, overlays: int | None = None, skip_bad: bool = False,
-                 progress: bool = False) -> list[dict[str, Any]]:
+                 progress: bool = False, spacing_mm: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """The predict loop for any network `model` (a torch module, or an exported model behind the same call:
     engine/onnx_predict.py): image_BCHW on `device` -> output dict of tensors. cfg, task and state are what
-    load_for_inference returns (or the export sidecar holds)."""
+    load_for_inference returns (or the export sidecar holds); spacing_mm: with_spacing."""
+    cfg = with_spacing(cfg, spacing_mm)
     check_flip_test(cfg, "medpose predict")
     reader, _ = reader_for(cfg.data)
     files = expand_inputs(inputs, reader.annotation_suffixes)

@@ -159,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=int, default=None, metavar="N",
                    help="draw at most N overlay PNGs (default: one per input; 0: none)")
     p.add_argument("--skip-bad", action="store_true", help="log and list inputs that do not read instead of stopping")
+    p.add_argument("--spacing-mm", type=_spacing_arg, metavar="MM[,MM]",
+                   help="mm per pixel (x,y, or one value for both) of the inputs that carry no spacing of their own "
+                        "(plain images; an annotation that gives one keeps it). Default: the run's data.spacing_mm, "
+                        "else a dataset.json with \"spacing_mm\" beside the images, else unknown: figures in mm "
+                        "(HC, errors) are left empty")
 
     xp = sub.add_parser("export", help="a checkpoint's network as ONNX or TorchScript, with its preprocessing "
                                       "and decoding in a sidecar JSON",
@@ -338,19 +343,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _spacing_arg(text: str) -> list[float]:
+    """--spacing-mm 0.1 or 0.1,0.12 -> floats (checked for being positive by engine/predict.spacing_pair)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or two separated by a comma (mm per pixel, x,y), got "
+                                         f"{text!r}") from None
+
+
 def _cmd_predict(args) -> int:
     if args.batch_size < 1:
         raise SystemExit("medpose predict: --batch-size must be >= 1")
     if args.onnx:
         from engine.onnx_predict import predict_files_exported
         rows = predict_files_exported(args.onnx, list(args.inputs), Path(args.out), batch_size=args.batch_size,
-                                      overlays=args.overlays, skip_bad=args.skip_bad, progress=True)
+                                      overlays=args.overlays, skip_bad=args.skip_bad, progress=True,
+                                      spacing_mm=args.spacing_mm)
     else:
         from engine.predict import predict_files
         given = list(getattr(args, "checkpoints", None) or [args.checkpoint])
         rows = predict_files(given if len(given) > 1 else args.checkpoint, list(args.inputs), Path(args.out),
                              batch_size=args.batch_size, overlays=args.overlays, skip_bad=args.skip_bad,
-                             progress=True)
+                             progress=True, spacing_mm=args.spacing_mm)
     print(f"wrote {len(rows)} predictions to {Path(args.out) / 'predictions.csv'}")
     return 0
 

@@ -96,6 +96,21 @@ def test_fetal_head_unet_learns_segmentation_and_hc(tmp_path, hc18_root):
     by_stem = {r["stem"]: float(r["hc_mm"]) for r in _rows(hc18_root / "annotations.csv")}
     for img, row in zip(images, rows):
         assert abs(float(row["hc_mm"]) - by_stem[img.stem]) < 0.25 * by_stem[img.stem]
+    # the same pixels outside the dataset carry no spacing: HC only with --spacing-mm, which the listed image ignores
+    px_mm = {r["stem"]: float(r["pixel_size_mm"]) for r in _rows(hc18_root / "annotations.csv")}[images[0].stem]
+    alone = tmp_path / "elsewhere" / "scan.png"
+    alone.parent.mkdir()
+    alone.write_bytes(images[0].read_bytes())
+    assert main(["predict", "--checkpoint", str(ckpt), str(alone), "--out", str(tmp_path / "p0")]) == 0
+    assert _rows(tmp_path / "p0" / "predictions.csv")[0]["hc_mm"] == ""
+    assert main(["predict", "--checkpoint", str(ckpt), str(alone), str(images[0]), "--spacing-mm", "0.25",
+                 "--out", str(tmp_path / "p1")]) == 0
+    scan, listed = _rows(tmp_path / "p1" / "predictions.csv")
+    assert float(scan["hc_mm"]) == pytest.approx(float(rows[0]["hc_mm"]) / px_mm * 0.25, rel=2e-3)
+    assert float(listed["hc_mm"]) == pytest.approx(float(rows[0]["hc_mm"]), abs=0.011)
+    assert main(["predict", "--checkpoint", str(ckpt), str(alone), "--spacing-mm", "0.1,-1",
+                 "--out", str(tmp_path / "p2")]) == 2
+    assert not (tmp_path / "p2").exists()                  # stopped before reading the checkpoint
 
 
 def test_coco_export_then_train_on_it(tmp_path, xray_root):

@@ -68,9 +68,13 @@ def plot_dice_histogram(dice: Sequence[float], out_path: Path | str) -> Path:
 
 
 def draw_head_overlay(image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[str, Any] | None,
-                      out_path: Path | str, title: str = "", pixel_size_mm: float = math.nan) -> Path:
-    """Image + predicted mask contour (yellow) + its fitted ellipse (dashed) + predicted landmarks and axes; truth
-    mask contour (cyan) and hollow truth landmarks when given; HC values in the corner."""
+                      out_path: Path | str, title: str = "", pixel_size_mm: float = math.nan,
+                      fit_method: str = "moments") -> Path:
+    """Image + predicted mask contour (yellow) + its fitted ellipse (dashed, `fit_method`) + predicted landmarks and
+    axes; truth mask contour (cyan) and hollow truth landmarks when given; HC values in the corner: mm, or px with
+    "pixel size unknown" where the spacing is not known."""
+    known = math.isfinite(pixel_size_mm) and pixel_size_mm > 0
+    scale, unit = (pixel_size_mm, "mm") if known else (1.0, "px")
     img = np.asarray(image_HW3)
     h, w = img.shape[:2]
     fig = Figure(figsize=(8.0, 8.0 * h / w + 0.4))
@@ -82,16 +86,16 @@ def draw_head_overlay(image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[s
     if pred.get("mask_HW") is not None and np.any(np.asarray(pred["mask_HW"]) == 1):
         mask = np.asarray(pred["mask_HW"]) == 1
         ax.contour(mask, levels=[0.5], colors=["yellow"], linewidths=1.0)
-        e = ell.fit_ellipse_mask(mask)
+        e = ell.fit_ellipse_mask(mask, fit_method)
         if e.is_finite:
             o = ell.ellipse_outline(e)
             ax.plot(o[:, 0], o[:, 1], "--", color="#ff8c00", linewidth=1.2)
-            lines.append(f"HC (mask)      {ell.ramanujan_perimeter(e.a, e.b) * pixel_size_mm:.1f} mm")
+            lines.append(f"HC (mask)      {ell.ramanujan_perimeter(e.a, e.b) * scale:.1f} {unit}")
     k = np.asarray(pred["kpts_px_K2"], dtype=np.float64).reshape(-1, 2)
     if k.shape[0] == 4:
         for i, j, colour in ((0, 1, "#ff4040"), (2, 3, "#40ff40")):
             ax.plot(k[[i, j], 0], k[[i, j], 1], "-", color=colour, linewidth=1.0)
-        lines.append(f"HC (landmarks) {ell.hc_mm_from_landmarks(k, pixel_size_mm):.1f} mm")
+        lines.append(f"HC (landmarks) {ell.hc_mm_from_landmarks(k, scale):.1f} {unit}")
     ax.scatter(k[:, 0], k[:, 1], s=28, c="yellow", edgecolors="black", zorder=5)
     for i, (x, y) in enumerate(k):
         ax.annotate(HC18_KPT_NAMES[i] if k.shape[0] == 4 else f"P{i + 1}", (x, y), xytext=(4, -4),
@@ -101,6 +105,8 @@ def draw_head_overlay(image_HW3: np.ndarray, pred: dict[str, Any], truth: dict[s
         ax.scatter(t[:, 0], t[:, 1], s=50, facecolors="none", edgecolors="cyan", linewidths=1.4, zorder=4)
     if truth is not None and truth.get("hc_mm") is not None:
         lines.append(f"HC reference   {float(truth['hc_mm']):.1f} mm")
+    if not known and lines:
+        lines.append("pixel size unknown (predict --spacing-mm)")
     ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=9,
             family="monospace", color="white", bbox=dict(boxstyle="round", facecolor="black", alpha=0.6))
     image_axes(ax, w, h, title)

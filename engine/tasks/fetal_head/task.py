@@ -102,7 +102,8 @@ class FetalHeadTask(Task):
 
     def _overlays(self, out_dir: Path, records, model, dataset, decode: Callable) -> list[Path]:
         return [draw_head_overlay(orig["image_HW3"], pred, orig, out_dir / f"overlay_{sid}.png", title=str(sid),
-                                  pixel_size_mm=float(np.asarray(orig["spacing_mm_2"])[0]))
+                                  pixel_size_mm=float(np.asarray(orig["spacing_mm_2"])[0]),
+                                  fit_method=self.fit_method)
                 for sid, orig, pred in predict_originals(
                     spread_picks(records, "hc_err_mm", self.num_overlays, by_abs_descending=True), model, dataset,
                     decode)]
@@ -141,4 +142,4 @@ class FetalHeadTask(Task):
                         out_path: Path, title: str = "") -> Path:
         spacing = pred.get("spacing_mm_2")
         pixel_size_mm = float(np.asarray(spacing, dtype=float)[0]) if spacing is not None else math.nan
-        return draw_head_overlay(image_HW3, pred, truth, out_path, title, pixel_size_mm)
+        return draw_head_overlay(image_HW3, pred, truth, out_path, title, pixel_size_mm, self.fit_method)
