@@ -14,7 +14,9 @@ random sub-pixel poses, max |HC error| 0.6 % at a = 20 px, 0.06 % at 60 px, 0.02
 (Fitzgibbon et al. 1999 in the numerically stable form of Halir & Flusser 1998) to the boundary pixels of a filled
 mask is biased inwards by about half a pixel (the outermost inside centres lie 0-1 px inside the true edge):
 semi-axes -0.45 px, HC median -0.21 %, max -0.52 % on the same masks. It is kept (`fit_ellipse_conic`) for
-outlines (point sets), where it is the right tool.
+outlines (point sets), where it is the right tool. "robust" (fit_ellipse_robust) fits the conic to the sub-pixel edge
+(unbiased like the moments) and drops the edge points far from the ellipse, for masks that leak along part of their
+outline.
 """
 from __future__ import annotations
 
