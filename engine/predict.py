@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,8 +23,9 @@ import torch
 from data_pipelines.build import reader_for
 from data_pipelines.errors import DataError
 from data_pipelines.predict_input import expand_inputs, load_for_predict
+from data_pipelines.readers.base import spacing_pair
 
-from .config import ConfigError, check_flip_test
+from .config import check_flip_test
 from .evaluate import predict_batch, sample_prediction
 from .report import _finite_or_none
 
@@ -56,7 +56,7 @@ def predict_files(checkpoint: str | Path | list[str | Path], inputs: list[str | 
     preprocessing). spacing_mm: mm per pixel (x, y; one value: both) of the inputs that carry none of their own
     (with_spacing)."""
     from .run import load_for_inference    # here, not at import: `predict --onnx` never loads the training stack
-    spacing_pair(spacing_mm)                  # a wrong --spacing-mm stops before any checkpoint is read
+    _spacing(spacing_mm)                      # a wrong --spacing-mm stops before any checkpoint is read
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     from .ensemble import load_ensemble, resolve_checkpoints
     paths = resolve_checkpoints(checkpoint)           # a file is itself; a list or a folds folder may be several
@@ -74,23 +74,17 @@ def predict_files(checkpoint: str | Path | list[str | Path], inputs: list[str | 
 def with_spacing(cfg, spacing_mm: Sequence[float] | None):
     """cfg with data.spacing_mm = spacing_mm ((x, y) mm per original pixel; one value for both): the spacing of the
     inputs that carry none (a plain image; an annotation that gives one keeps its own, as in training). None: cfg
-    unchanged (the run's data.spacing_mm, else a dataset.json beside the images, else unknown). Checked here, so a
-    wrong value stops before any model runs."""
-    pair = spacing_pair(spacing_mm)
+    unchanged (the run's data.spacing_mm, else a dataset.json beside the images, else unknown)."""
+    pair = _spacing(spacing_mm)
     return cfg if pair is None else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spacing_mm=pair))
 
 
-def spacing_pair(spacing_mm: Sequence[float] | None) -> tuple[float, float] | None:
-    """--spacing-mm as (x, y) mm per pixel (one value: both); ConfigError for anything but 1-2 positive numbers."""
+def _spacing(spacing_mm: Sequence[float] | None) -> tuple[float, float] | None:
+    """--spacing-mm (one or two numbers) as the readers' (x, y) pair; OptionError naming the option otherwise."""
     if spacing_mm is None:
         return None
-    v = [float(x) for x in spacing_mm]
-    if len(v) == 1:
-        v = v * 2
-    if len(v) != 2 or not all(math.isfinite(x) and x > 0 for x in v):
-        raise ConfigError(f"--spacing-mm: expected one or two positive numbers (mm per pixel, x then y), got "
-                          f"{[float(x) for x in spacing_mm]}")
-    return v[0], v[1]
+    values = list(spacing_mm)
+    return spacing_pair(values[0] if len(values) == 1 else values, "--spacing-mm")
 
 
 @torch.no_grad()

@@ -344,7 +344,7 @@ def _cmd_eval(args) -> int:
 
 
 def _spacing_arg(text: str) -> list[float]:
-    """--spacing-mm 0.1 or 0.1,0.12 -> floats (checked for being positive by engine/predict.spacing_pair)."""
+    """--spacing-mm 0.1 or 0.1,0.12 -> floats (checked for being positive by engine/predict.with_spacing)."""
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
